@@ -1,0 +1,1 @@
+"""Animatable human avatars by differentiable rendering."""
