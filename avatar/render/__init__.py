@@ -1,9 +1,11 @@
-"""Renderers: the differentiable mesh rasterizer (compiled CPU visibility + torch interpolation), the Gaussian
-rasterizer (to come: gsplat on CUDA, compiled CPU, torch reference) and a non-differentiable preview.
+"""Renderers: 3D Gaussian splatting (``rasterize_gaussians``: gsplat on CUDA, a compiled CPU backend, a torch
+reference), the differentiable mesh rasterizer (compiled CPU visibility + torch interpolation) and a
+non-differentiable preview.
 
 Importing this package compiles nothing: numba kernels are built (or loaded from the on-disk cache) on first call.
 """
 
+from avatar.render.gaussians import GaussianRender, rasterize_gaussians
 from avatar.render.mesh import (
     Fragments,
     MeshRenderOutput,
@@ -18,6 +20,8 @@ from avatar.render.mesh import (
 from avatar.render.preview import render_mesh_preview
 
 __all__ = [
+    "GaussianRender",
+    "rasterize_gaussians",
     "Fragments",
     "MeshRenderOutput",
     "interpolate",

@@ -1,0 +1,657 @@
+"""Compiled, multi-threaded CPU backend for 3D Gaussian splatting with a hand-written backward.
+
+Why hand-written: no installable library rasterizes Gaussians fast on CPU *with gradients* (gsplat's per-pixel
+rasterization step is CUDA only; its torch fallback materialises pixel x Gaussian tensors and is slow), so the
+forward and backward are written here as numba kernels, wrapped in two ``torch.autograd.Function``s:
+
+* ``_ProjectFn``: EWA projection of ``means/quats/scales`` to ``means2d``, ``conics``, ``depths`` (+ integer radii);
+  backward gives gradients to means, quats (through normalization) and scales. Parallel over Gaussians, so the
+  sum over cameras needs no atomics.
+* ``_RasterizeFn``: 16x16 tiles; Gaussians sorted by depth once per camera, per-tile lists built with a count pass,
+  a prefix sum and a fill in depth order; each tile (``numba.prange``) loops over its Gaussians and, for each, only
+  over the pixels of the box where alpha can reach 1/255 clipped to the tile. The backward re-traverses each tile
+  back to front from the saved final transmittance and per-pixel contributor count (3DGS paper), writes one gradient
+  slot per (Gaussian, tile) pair from the thread owning the tile, then reduces slots per Gaussian (no races, no
+  atomics).
+
+Conventions are those of ``gaussians_torch`` (gsplat v1.5). numba is imported lazily and kernels are compiled on
+first use (``cache=True`` keeps them on disk), so ``import avatar`` compiles nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatar.render.gaussians_torch import ALPHA_MAX, ALPHA_MIN, EPS2D, EXTEND_MAX, FAR, NEAR, T_MIN
+
+# Tile shape of this backend (gsplat's 16x16). Any shape gives the same image: a pixel where alpha can reach 1/255
+# always lies inside the Gaussian's radius box, hence in a tile that the box overlaps (32x8, 64x4 measured no faster).
+TILE_W = 16
+TILE_H = 16
+_KERNELS = None
+_fexp = None  # numba fast exp, set by _kernels()
+
+
+def _kernels():  # noqa: C901 - one place that defines all numba kernels
+    """Define (once) and return the numba kernels. They take no closure variables, so ``cache=True`` works."""
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    import numba
+    from numba import prange
+
+    pjit = numba.njit(parallel=True, cache=True, fastmath=True)
+    sjit = numba.njit(cache=True, fastmath=True)
+
+    @numba.njit(cache=True, fastmath=True, inline="always")
+    def fexp(x):
+        """exp for float32 via 2^x = 2^k * 2^t, |t| <= 1/2 (degree-6 polynomial, ~1e-7 relative error)."""
+        y = min(max(x * np.float32(1.4426950408889634), np.float32(-126.0)), np.float32(126.0))
+        k = math.floor(y + np.float32(0.5))
+        t = y - np.float32(k)
+        p = np.float32(1.0) + t * (np.float32(0.6931471805599453) + t * (np.float32(0.2402265069591007) + t * (
+            np.float32(0.05550410866482158) + t * (np.float32(0.009618129107628477) + t * (
+                np.float32(0.0013333558146428443) + t * np.float32(0.00015403530393381606))))))
+        return p * np.int32((int(k) + 127) << 23).view(np.float32)
+
+    global _fexp
+    _fexp = fexp  # the kernels below call it as a module global (closures would defeat cache=True)
+
+    @pjit
+    def project_fwd(means, quats, scales, opac, viewmats, Ks, W, H, near, far, eps2d, amin, emax,
+                    means2d, conics, depths, radii):
+        N = means.shape[0]
+        C = viewmats.shape[0]
+        for n in prange(N):
+            qw, qx, qy, qz = quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3]
+            qn = math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz)
+            w, x, y, z = qw / qn, qx / qn, qy / qn, qz / qn
+            R = np.empty((3, 3), np.float64)
+            R[0, 0] = 1 - 2 * (y * y + z * z); R[0, 1] = 2 * (x * y - w * z); R[0, 2] = 2 * (x * z + w * y)  # noqa
+            R[1, 0] = 2 * (x * y + w * z); R[1, 1] = 1 - 2 * (x * x + z * z); R[1, 2] = 2 * (y * z - w * x)  # noqa
+            R[2, 0] = 2 * (x * z - w * y); R[2, 1] = 2 * (y * z + w * x); R[2, 2] = 1 - 2 * (x * x + y * y)  # noqa
+            S = np.empty((3, 3), np.float64)  # world covariance M M^T, M = R diag(s)
+            for i in range(3):
+                for j in range(3):
+                    acc = 0.0
+                    for k in range(3):
+                        acc += R[i, k] * R[j, k] * scales[n, k] * scales[n, k]
+                    S[i, j] = acc
+            op = opac[n]
+            for c in range(C):
+                radii[c, n, 0] = 0
+                radii[c, n, 1] = 0
+                means2d[c, n, 0] = 0.0; means2d[c, n, 1] = 0.0  # noqa
+                conics[c, n, 0] = 0.0; conics[c, n, 1] = 0.0; conics[c, n, 2] = 0.0  # noqa
+                depths[c, n] = 0.0
+                V = viewmats[c]
+                p = np.empty(3, np.float64)
+                for i in range(3):
+                    p[i] = V[i, 0] * means[n, 0] + V[i, 1] * means[n, 1] + V[i, 2] * means[n, 2] + V[i, 3]
+                tz = p[2]
+                if not (tz >= near and tz <= far) or op < amin:
+                    continue
+                Sc = np.empty((3, 3), np.float64)  # V S V^T
+                for i in range(3):
+                    for j in range(3):
+                        acc = 0.0
+                        for k in range(3):
+                            for m in range(3):
+                                acc += V[i, k] * S[k, m] * V[j, m]
+                        Sc[i, j] = acc
+                fx, fy, cx, cy = Ks[c, 0, 0], Ks[c, 1, 1], Ks[c, 0, 2], Ks[c, 1, 2]
+                tfx, tfy = 0.5 * W / fx, 0.5 * H / fy
+                ux = min(max(p[0] / tz, -(cx / fx + 0.3 * tfx)), (W - cx) / fx + 0.3 * tfx)
+                uy = min(max(p[1] / tz, -(cy / fy + 0.3 * tfy)), (H - cy) / fy + 0.3 * tfy)
+                j00, j02, j11, j12 = fx / tz, -fx * ux / tz, fy / tz, -fy * uy / tz
+                a = j00 * j00 * Sc[0, 0] + 2 * j00 * j02 * Sc[0, 2] + j02 * j02 * Sc[2, 2] + eps2d
+                b = j00 * j11 * Sc[0, 1] + j00 * j12 * Sc[0, 2] + j02 * j11 * Sc[2, 1] + j02 * j12 * Sc[2, 2]
+                cc = j11 * j11 * Sc[1, 1] + 2 * j11 * j12 * Sc[1, 2] + j12 * j12 * Sc[2, 2] + eps2d
+                det = a * cc - b * b
+                if not det > 0:
+                    continue
+                mx = fx * p[0] / tz + cx
+                my = fy * p[1] / tz + cy
+                ext = min(emax, math.sqrt(2.0 * math.log(op / amin)))
+                rx = math.ceil(ext * math.sqrt(a))
+                ry = math.ceil(ext * math.sqrt(cc))
+                if rx <= 0 and ry <= 0:
+                    continue
+                if mx + rx <= 0 or mx - rx >= W or my + ry <= 0 or my - ry >= H:
+                    continue
+                radii[c, n, 0] = int(rx)
+                radii[c, n, 1] = int(ry)
+                means2d[c, n, 0] = mx
+                means2d[c, n, 1] = my
+                conics[c, n, 0] = cc / det
+                conics[c, n, 1] = -b / det
+                conics[c, n, 2] = a / det
+                depths[c, n] = tz
+
+    @pjit
+    def project_bwd(means, quats, scales, viewmats, Ks, W, H, eps2d, radii, g_m2d, g_con, g_dep,
+                    g_means, g_quats, g_scales):
+        N = means.shape[0]
+        C = viewmats.shape[0]
+        for n in prange(N):
+            qw, qx, qy, qz = quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3]
+            qn = math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz)
+            w, x, y, z = qw / qn, qx / qn, qy / qn, qz / qn
+            R = np.empty((3, 3), np.float64)
+            R[0, 0] = 1 - 2 * (y * y + z * z); R[0, 1] = 2 * (x * y - w * z); R[0, 2] = 2 * (x * z + w * y)  # noqa
+            R[1, 0] = 2 * (x * y + w * z); R[1, 1] = 1 - 2 * (x * x + z * z); R[1, 2] = 2 * (y * z - w * x)  # noqa
+            R[2, 0] = 2 * (x * z - w * y); R[2, 1] = 2 * (y * z + w * x); R[2, 2] = 1 - 2 * (x * x + y * y)  # noqa
+            M = np.empty((3, 3), np.float64)
+            for i in range(3):
+                for k in range(3):
+                    M[i, k] = R[i, k] * scales[n, k]
+            S = np.zeros((3, 3), np.float64)  # M M^T (explicit loops: numba's @ needs scipy/BLAS)
+            for i in range(3):
+                for j in range(3):
+                    for k in range(3):
+                        S[i, j] += M[i, k] * M[j, k]
+            GS = np.zeros((3, 3), np.float64)  # dL/dSigma (world), symmetric
+            gp = np.zeros(3, np.float64)
+            for c in range(C):
+                if radii[c, n, 0] == 0 and radii[c, n, 1] == 0:
+                    continue
+                V = np.empty((3, 3), np.float64)
+                for i in range(3):
+                    for j in range(3):
+                        V[i, j] = viewmats[c, i, j]
+                p = np.empty(3, np.float64)
+                for i in range(3):
+                    p[i] = V[i, 0] * means[n, 0] + V[i, 1] * means[n, 1] + V[i, 2] * means[n, 2] + viewmats[c, i, 3]
+                tx, ty, tz = p[0], p[1], p[2]
+                Sc = np.zeros((3, 3), np.float64)  # V S V^T
+                for i in range(3):
+                    for j in range(3):
+                        for k in range(3):
+                            for m in range(3):
+                                Sc[i, j] += V[i, k] * S[k, m] * V[j, m]
+                fx, fy, cx, cy = Ks[c, 0, 0], Ks[c, 1, 1], Ks[c, 0, 2], Ks[c, 1, 2]
+                tfx, tfy = 0.5 * W / fx, 0.5 * H / fy
+                rx0, rx1 = -(cx / fx + 0.3 * tfx), (W - cx) / fx + 0.3 * tfx
+                ry0, ry1 = -(cy / fy + 0.3 * tfy), (H - cy) / fy + 0.3 * tfy
+                ux, uy = tx / tz, ty / tz
+                clip_x = ux < rx0 or ux > rx1
+                clip_y = uy < ry0 or uy > ry1
+                ux = min(max(ux, rx0), rx1)
+                uy = min(max(uy, ry0), ry1)
+                J = np.zeros((2, 3), np.float64)
+                J[0, 0] = fx / tz; J[0, 2] = -fx * ux / tz; J[1, 1] = fy / tz; J[1, 2] = -fy * uy / tz  # noqa
+                S2 = np.zeros((2, 2), np.float64)  # J Sc J^T
+                JS = np.zeros((2, 3), np.float64)  # J Sc
+                for i in range(2):
+                    for j in range(3):
+                        for k in range(3):
+                            JS[i, j] += J[i, k] * Sc[k, j]
+                for i in range(2):
+                    for j in range(2):
+                        for k in range(3):
+                            S2[i, j] += JS[i, k] * J[j, k]
+                a = S2[0, 0] + eps2d
+                b = 0.5 * (S2[0, 1] + S2[1, 0])
+                cc = S2[1, 1] + eps2d
+                det = a * cc - b * b
+                iA, iB, iC = cc / det, -b / det, a / det
+                gA, gB, gC = g_con[c, n, 0], 0.5 * g_con[c, n, 1], g_con[c, n, 2]
+                # dL/dSigma2D = -inv G inv with G = [[gA, gB], [gB, gC]]
+                t00 = iA * gA + iB * gB; t01 = iA * gB + iB * gC  # noqa
+                t10 = iB * gA + iC * gB; t11 = iB * gB + iC * gC  # noqa
+                G2 = np.empty((2, 2), np.float64)
+                G2[0, 0] = -(t00 * iA + t01 * iB)
+                G2[0, 1] = -(t00 * iB + t01 * iC)
+                G2[1, 0] = -(t10 * iA + t11 * iB)
+                G2[1, 1] = -(t10 * iB + t11 * iC)
+                GSc = np.zeros((3, 3), np.float64)  # J^T G2 J
+                for i in range(3):
+                    for j in range(3):
+                        for k in range(2):
+                            for m in range(2):
+                                GSc[i, j] += J[k, i] * G2[k, m] * J[m, j]
+                GJ = np.zeros((2, 3), np.float64)  # 2 G2 J Sc
+                for i in range(2):
+                    for j in range(3):
+                        for k in range(2):
+                            GJ[i, j] += 2.0 * G2[i, k] * JS[k, j]
+                gtx = 0.0
+                gty = 0.0
+                gtz = g_dep[c, n]
+                gtz += GJ[0, 0] * (-fx / (tz * tz)) + GJ[1, 1] * (-fy / (tz * tz))
+                gtz += GJ[0, 2] * (fx * ux / (tz * tz)) + GJ[1, 2] * (fy * uy / (tz * tz))
+                if not clip_x:
+                    gux = GJ[0, 2] * (-fx / tz)
+                    gtx += gux / tz
+                    gtz += -gux * tx / (tz * tz)
+                if not clip_y:
+                    guy = GJ[1, 2] * (-fy / tz)
+                    gty += guy / tz
+                    gtz += -guy * ty / (tz * tz)
+                gmx, gmy = g_m2d[c, n, 0], g_m2d[c, n, 1]
+                gtx += gmx * fx / tz
+                gty += gmy * fy / tz
+                gtz += -(gmx * fx * tx + gmy * fy * ty) / (tz * tz)
+                for i in range(3):
+                    gp[i] += V[0, i] * gtx + V[1, i] * gty + V[2, i] * gtz
+                for i in range(3):  # GS += V^T GSc V
+                    for j in range(3):
+                        for k in range(3):
+                            for m in range(3):
+                                GS[i, j] += V[k, i] * GSc[k, m] * V[m, j]
+            GM = np.zeros((3, 3), np.float64)  # 2 GS M
+            for i in range(3):
+                for j in range(3):
+                    for k in range(3):
+                        GM[i, j] += 2.0 * GS[i, k] * M[k, j]
+            GR = np.empty((3, 3), np.float64)
+            for k in range(3):
+                acc = 0.0
+                for i in range(3):
+                    acc += GM[i, k] * R[i, k]
+                    GR[i, k] = GM[i, k] * scales[n, k]
+                g_scales[n, k] = acc
+            gw = 2 * (-z * GR[0, 1] + y * GR[0, 2] + z * GR[1, 0] - x * GR[1, 2] - y * GR[2, 0] + x * GR[2, 1])
+            gx = 2 * (y * GR[0, 1] + z * GR[0, 2] + y * GR[1, 0] - 2 * x * GR[1, 1] - w * GR[1, 2]
+                      + z * GR[2, 0] + w * GR[2, 1] - 2 * x * GR[2, 2])
+            gy = 2 * (-2 * y * GR[0, 0] + x * GR[0, 1] + w * GR[0, 2] + x * GR[1, 0] + z * GR[1, 2]
+                      - w * GR[2, 0] + z * GR[2, 1] - 2 * y * GR[2, 2])
+            gz = 2 * (-2 * z * GR[0, 0] - w * GR[0, 1] + x * GR[0, 2] + w * GR[1, 0] - 2 * z * GR[1, 1]
+                      + y * GR[1, 2] + x * GR[2, 0] + y * GR[2, 1])
+            dot = w * gw + x * gx + y * gy + z * gz
+            g_quats[n, 0] = (gw - w * dot) / qn
+            g_quats[n, 1] = (gx - x * dot) / qn
+            g_quats[n, 2] = (gy - y * dot) / qn
+            g_quats[n, 3] = (gz - z * dot) / qn
+            for i in range(3):
+                g_means[n, i] = gp[i]
+
+    @sjit
+    def bin_tiles(means2d, radii, order, nvalid, tw, th, tilew, tileh):
+        """Per-tile depth-ordered Gaussian lists (count, prefix sum, fill) and, per (camera, Gaussian), the slots of
+        its (Gaussian, tile) pairs for the gradient reduction."""
+        C, N = radii.shape[0], radii.shape[1]
+        T = tw * th
+        rng = np.zeros((C, N, 4), np.int64)
+        counts = np.zeros(C * T, np.int64)
+        gcount = np.zeros(C * N, np.int64)
+        for c in range(C):
+            for k in range(nvalid[c]):
+                g = order[c, k]
+                mx, my = means2d[c, g, 0] / tilew, means2d[c, g, 1] / tileh
+                rx, ry = radii[c, g, 0] / tilew, radii[c, g, 1] / tileh
+                x0 = min(max(0, int(math.floor(mx - rx))), tw)
+                x1 = min(max(0, int(math.ceil(mx + rx))), tw)
+                y0 = min(max(0, int(math.floor(my - ry))), th)
+                y1 = min(max(0, int(math.ceil(my + ry))), th)
+                rng[c, g, 0] = x0; rng[c, g, 1] = x1; rng[c, g, 2] = y0; rng[c, g, 3] = y1  # noqa
+                for ty in range(y0, y1):
+                    for tx in range(x0, x1):
+                        counts[c * T + ty * tw + tx] += 1
+                gcount[c * N + g] = (x1 - x0) * (y1 - y0)
+        offsets = np.zeros(C * T + 1, np.int64)
+        for i in range(C * T):
+            offsets[i + 1] = offsets[i] + counts[i]
+        gstart = np.zeros(C * N + 1, np.int64)
+        for i in range(C * N):
+            gstart[i + 1] = gstart[i] + gcount[i]
+        total = offsets[C * T]
+        gids = np.empty(total, np.int32)
+        slots = np.empty(total, np.int64)
+        cursor = offsets[:-1].copy()
+        for c in range(C):
+            for k in range(nvalid[c]):
+                g = order[c, k]
+                e = gstart[c * N + g]
+                for ty in range(rng[c, g, 2], rng[c, g, 3]):
+                    for tx in range(rng[c, g, 0], rng[c, g, 1]):
+                        t = c * T + ty * tw + tx
+                        pos = cursor[t]
+                        cursor[t] = pos + 1
+                        gids[pos] = g
+                        slots[e] = pos
+                        e += 1
+        return offsets, gids, gstart, slots
+
+    @pjit
+    def raster_fwd(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax, tmin,
+                   out, alphas, tfinal, ncontrib):
+        C = means2d.shape[0]
+        K = feats.shape[2]
+        T = tw * th
+        amax32 = np.float32(amax)
+        one = np.float32(1.0)
+        half = np.float32(0.5)
+        for it in prange(C * T):
+            c = it // T
+            t = it - c * T
+            tx0 = (t % tw) * tilew
+            ty0 = (t // tw) * tileh
+            bw = min(tilew, W - tx0)
+            bh = min(tileh, H - ty0)
+            npix = bw * bh
+            Tp = np.ones(tilew * tileh, np.float32)
+            acc = np.zeros((tilew * tileh, K), np.float32)
+            ncon = np.zeros(tilew * tileh, np.int32)
+            done = np.zeros(tilew * tileh, np.bool_)
+            rowdone = np.zeros(tileh, np.int32)
+            ndone = 0
+            start = offsets[it]
+            end = offsets[it + 1]
+            for j in range(start, end):
+                if ndone >= npix:
+                    break
+                g = gids[j]
+                mx, my = means2d[c, g, 0], means2d[c, g, 1]
+                A, B, Cc = conics[c, g, 0], conics[c, g, 1], conics[c, g, 2]
+                op = opac[c, g]
+                # pixels with alpha >= 1/255: sigma = 0.5 d^T conic d <= lvl, an ellipse; per row its x span is
+                # [mx - dxc - hw, mx - dxc + hw] (pixel centres), dxc = -B dy / A, hw^2 = k0 - k1 dy^2
+                lvl = np.float32(math.log(op / amin))
+                det = A * Cc - B * B
+                if lvl <= 0 or det <= 0 or A <= 0:
+                    continue
+                lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
+                invA = one / A
+                k0 = lim * invA
+                k1 = det * invA * invA
+                slope = -B * invA
+                hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
+                y0 = max(ty0, int(math.ceil(my - hy - half)))
+                y1 = min(ty0 + bh, int(math.floor(my + hy - half)) + 1)
+                qA = _fexp(-A)
+                for py in range(y0, y1):
+                    ly = py - ty0
+                    if rowdone[ly] >= bw:
+                        continue
+                    dy = my - (py + half)
+                    h2 = k0 - k1 * dy * dy
+                    if h2 < 0:
+                        continue
+                    hw = np.float32(math.sqrt(h2))
+                    xc = mx - slope * dy - half
+                    x0 = max(tx0, int(math.ceil(xc - hw)))
+                    x1 = min(tx0 + bw, int(math.floor(xc + hw)) + 1)
+                    if x0 >= x1:
+                        continue
+                    # exp(-sigma) along the row by recurrence: sigma is quadratic in x, so the ratios of
+                    # consecutive values form a geometric sequence (two multiplies per pixel instead of an exp)
+                    dx0 = mx - (x0 + half)
+                    G = _fexp(-(half * (A * dx0 * dx0 + Cc * dy * dy) + B * dx0 * dy))
+                    r = _fexp(A * dx0 - half * A + B * dy)
+                    row = ly * tilew - tx0
+                    for px in range(x0, x1):
+                        Gc = G
+                        G = G * r
+                        r = r * qA
+                        p = row + px
+                        if done[p]:
+                            continue
+                        al = min(amax32, op * Gc)
+                        if al < amin:
+                            continue
+                        Tcur = Tp[p]
+                        nT = Tcur * (one - al)
+                        if nT <= tmin:  # gsplat: the pixel is done, this Gaussian excluded
+                            done[p] = True
+                            ndone += 1
+                            rowdone[ly] += 1
+                            continue
+                        wgt = al * Tcur
+                        for k in range(K):
+                            acc[p, k] += feats[c, g, k] * wgt
+                        Tp[p] = nT
+                        ncon[p] = j - start + 1
+            for ly in range(bh):
+                for lx in range(bw):
+                    p = ly * tilew + lx
+                    for k in range(K):
+                        out[c, ty0 + ly, tx0 + lx, k] = acc[p, k]
+                    alphas[c, ty0 + ly, tx0 + lx] = 1.0 - Tp[p]
+                    tfinal[c, ty0 + ly, tx0 + lx] = Tp[p]
+                    ncontrib[c, ty0 + ly, tx0 + lx] = ncon[p]
+
+    @pjit
+    def raster_bwd(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax,
+                   tfinal, ncontrib, g_out, g_alpha, gslot):
+        """gslot[j] = [d mx, d my, d conic a, b, c, d opacity, d feats...] of the (Gaussian, tile) pair j."""
+        C = means2d.shape[0]
+        K = feats.shape[2]
+        T = tw * th
+        amax32 = np.float32(amax)
+        one = np.float32(1.0)
+        half = np.float32(0.5)
+        for it in prange(C * T):
+            c = it // T
+            t = it - c * T
+            tx0 = (t % tw) * tilew
+            ty0 = (t // tw) * tileh
+            bw = min(tilew, W - tx0)
+            bh = min(tileh, H - ty0)
+            Tp = np.ones(tilew * tileh, np.float32)
+            Tf = np.ones(tilew * tileh, np.float32)
+            ncon = np.zeros(tilew * tileh, np.int32)
+            rowmax = np.zeros(tileh, np.int32)
+            gc = np.zeros((tilew * tileh, K), np.float32)
+            ga = np.zeros(tilew * tileh, np.float32)
+            Sacc = np.zeros((tilew * tileh, K), np.float32)
+            gf = np.zeros(K, np.float32)
+            jmax = 0
+            for ly in range(bh):
+                for lx in range(bw):
+                    p = ly * tilew + lx
+                    Tp[p] = tfinal[c, ty0 + ly, tx0 + lx]
+                    Tf[p] = Tp[p]
+                    ncon[p] = ncontrib[c, ty0 + ly, tx0 + lx]
+                    rowmax[ly] = max(rowmax[ly], ncon[p])
+                    ga[p] = g_alpha[c, ty0 + ly, tx0 + lx]
+                    for k in range(K):
+                        gc[p, k] = g_out[c, ty0 + ly, tx0 + lx, k]
+                jmax = max(jmax, rowmax[ly])
+            start = offsets[it]
+            for jj in range(jmax - 1, -1, -1):  # back to front
+                j = start + jj
+                g = gids[j]
+                mx, my = means2d[c, g, 0], means2d[c, g, 1]
+                A, B, Cc = conics[c, g, 0], conics[c, g, 1], conics[c, g, 2]
+                op = opac[c, g]
+                lvl = np.float32(math.log(op / amin))
+                det = A * Cc - B * B
+                if lvl <= 0 or det <= 0 or A <= 0:
+                    continue
+                lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
+                invA = one / A
+                k0 = lim * invA
+                k1 = det * invA * invA
+                slope = -B * invA
+                hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
+                y0 = max(ty0, int(math.ceil(my - hy - half)))
+                y1 = min(ty0 + bh, int(math.floor(my + hy - half)) + 1)
+                qA = _fexp(-A)
+                gmx = np.float32(0.0)
+                gmy = np.float32(0.0)
+                gA = np.float32(0.0)
+                gB = np.float32(0.0)
+                gC = np.float32(0.0)
+                gop = np.float32(0.0)
+                for k in range(K):
+                    gf[k] = 0.0
+                for py in range(y0, y1):
+                    ly = py - ty0
+                    if jj >= rowmax[ly]:
+                        continue
+                    dy = my - (py + half)
+                    h2 = k0 - k1 * dy * dy
+                    if h2 < 0:
+                        continue
+                    hw = np.float32(math.sqrt(h2))
+                    xc = mx - slope * dy - half
+                    x0 = max(tx0, int(math.ceil(xc - hw)))
+                    x1 = min(tx0 + bw, int(math.floor(xc + hw)) + 1)
+                    if x0 >= x1:
+                        continue
+                    dx0 = mx - (x0 + half)
+                    G = _fexp(-(half * (A * dx0 * dx0 + Cc * dy * dy) + B * dx0 * dy))
+                    r = _fexp(A * dx0 - half * A + B * dy)
+                    row = ly * tilew - tx0
+                    for px in range(x0, x1):
+                        Gc = G
+                        G = G * r
+                        r = r * qA
+                        p = row + px
+                        if jj >= ncon[p]:
+                            continue
+                        raw = op * Gc
+                        al = min(amax32, raw)
+                        if al < amin:
+                            continue
+                        dx = mx - (px + half)
+                        inv = one / (one - al)
+                        Tb = Tp[p] * inv  # transmittance in front of this Gaussian
+                        wgt = al * Tb
+                        gal = ga[p] * Tf[p] * inv
+                        for k in range(K):
+                            f = feats[c, g, k]
+                            gck = gc[p, k]
+                            gf[k] += gck * wgt
+                            gal += gck * (Tb * f - Sacc[p, k] * inv)
+                            Sacc[p, k] += f * wgt
+                        Tp[p] = Tb
+                        if raw < amax32:
+                            gop += gal * Gc
+                            gs = -gal * raw
+                            gmx += gs * (A * dx + B * dy)
+                            gmy += gs * (Cc * dy + B * dx)
+                            gA += gs * half * dx * dx
+                            gB += gs * dx * dy
+                            gC += gs * half * dy * dy
+                gslot[j, 0] = gmx
+                gslot[j, 1] = gmy
+                gslot[j, 2] = gA
+                gslot[j, 3] = gB
+                gslot[j, 4] = gC
+                gslot[j, 5] = gop
+                for k in range(K):
+                    gslot[j, 6 + k] = gf[k]
+
+    @pjit
+    def reduce_slots(gslot, gstart, slots, N, g_m2d, g_con, g_op, g_feat):
+        C = g_m2d.shape[0]
+        K = g_feat.shape[2]
+        for i in prange(C * N):
+            c = i // N
+            g = i - c * N
+            acc = np.zeros(6 + K, np.float32)
+            for e in range(gstart[i], gstart[i + 1]):
+                s = slots[e]
+                for q in range(6 + K):
+                    acc[q] += gslot[s, q]
+            g_m2d[c, g, 0] = acc[0]
+            g_m2d[c, g, 1] = acc[1]
+            g_con[c, g, 0] = acc[2]
+            g_con[c, g, 1] = acc[3]
+            g_con[c, g, 2] = acc[4]
+            g_op[c, g] = acc[5]
+            for k in range(K):
+                g_feat[c, g, k] = acc[6 + k]
+
+    _KERNELS = dict(project_fwd=project_fwd, project_bwd=project_bwd, bin_tiles=bin_tiles, raster_fwd=raster_fwd,
+                    raster_bwd=raster_bwd, reduce_slots=reduce_slots)
+    return _KERNELS
+
+
+def _np(x: Tensor, dtype=np.float32) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
+
+
+class _ProjectFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, viewmats, Ks, width, height):
+        k = _kernels()
+        C, N = viewmats.shape[0], means.shape[0]
+        m2d = np.zeros((C, N, 2), np.float32)
+        con = np.zeros((C, N, 3), np.float32)
+        dep = np.zeros((C, N), np.float32)
+        rad = np.zeros((C, N, 2), np.int32)
+        args = (_np(means, np.float64), _np(quats, np.float64), _np(scales, np.float64), _np(opacities, np.float64),
+                _np(viewmats, np.float64), _np(Ks, np.float64))
+        k["project_fwd"](*args, float(width), float(height), NEAR, FAR, EPS2D, ALPHA_MIN, EXTEND_MAX,
+                         m2d, con, dep, rad)
+        radii = torch.from_numpy(rad)
+        ctx.save_for_backward(means, quats, scales, viewmats, Ks, radii)
+        ctx.size = (width, height)
+        ctx.mark_non_differentiable(radii)
+        return torch.from_numpy(m2d), torch.from_numpy(con), torch.from_numpy(dep), radii
+
+    @staticmethod
+    def backward(ctx, g_m2d, g_con, g_dep, _g_radii):
+        means, quats, scales, viewmats, Ks, radii = ctx.saved_tensors
+        k = _kernels()
+        N = means.shape[0]
+        g_means = np.zeros((N, 3), np.float64)
+        g_quats = np.zeros((N, 4), np.float64)
+        g_scales = np.zeros((N, 3), np.float64)
+        k["project_bwd"](_np(means, np.float64), _np(quats, np.float64), _np(scales, np.float64),
+                         _np(viewmats, np.float64), _np(Ks, np.float64), float(ctx.size[0]), float(ctx.size[1]), EPS2D,
+                         radii.numpy(), _np(g_m2d, np.float64), _np(g_con, np.float64), _np(g_dep, np.float64),
+                         g_means, g_quats, g_scales)
+        dt = means.dtype
+        return (torch.from_numpy(g_means).to(dt), torch.from_numpy(g_quats).to(dt), torch.from_numpy(g_scales).to(dt),
+                None, None, None, None, None)
+
+
+class _RasterizeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, feats, radii, depths, width, height):
+        k = _kernels()
+        C, N, K = feats.shape
+        tw, th = math.ceil(width / TILE_W), math.ceil(height / TILE_H)
+        key = torch.where(radii.any(-1), depths.detach().float(), torch.full_like(depths, float("inf"))).numpy()
+        order = np.argsort(key, axis=1).astype(np.int64)  # numpy's SIMD sort; culled Gaussians (inf) last
+        nvalid = radii.any(-1).sum(1).to(torch.int64).numpy()
+        m2d, con, op, ft = _np(means2d), _np(conics), _np(opacities), _np(feats)
+        offsets, gids, gstart, slots = k["bin_tiles"](m2d, radii.numpy(), order, nvalid, tw, th, TILE_W, TILE_H)
+        out = np.empty((C, height, width, K), np.float32)
+        alphas = np.empty((C, height, width), np.float32)
+        tfinal = np.empty((C, height, width), np.float32)
+        ncon = np.empty((C, height, width), np.int32)
+        k["raster_fwd"](m2d, con, op, ft, offsets, gids, width, height, tw, th, TILE_W, TILE_H, np.float32(ALPHA_MIN),
+                        ALPHA_MAX, np.float32(T_MIN), out, alphas, tfinal, ncon)
+        ctx.saved = (m2d, con, op, ft, offsets, gids, gstart, slots, tfinal, ncon, width, height, tw, th)
+        ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, feats.dtype)
+        return torch.from_numpy(out).to(feats.dtype), torch.from_numpy(alphas).to(feats.dtype)
+
+    @staticmethod
+    def backward(ctx, g_out, g_alpha):
+        k = _kernels()
+        m2d, con, op, ft, offsets, gids, gstart, slots, tfinal, ncon, width, height, tw, th = ctx.saved
+        C, N, K = ft.shape
+        g_out = np.zeros((C, height, width, K), np.float32) if g_out is None else _np(g_out)
+        g_alpha = np.zeros((C, height, width), np.float32) if g_alpha is None else _np(g_alpha)
+        gslot = np.zeros((len(gids), 6 + K), np.float32)
+        k["raster_bwd"](m2d, con, op, ft, offsets, gids, width, height, tw, th, TILE_W, TILE_H, np.float32(ALPHA_MIN),
+                        ALPHA_MAX, tfinal, ncon, g_out, g_alpha, gslot)
+        g_m2d = np.zeros((C, N, 2), np.float32)
+        g_con = np.zeros((C, N, 3), np.float32)
+        g_op = np.zeros((C, N), np.float32)
+        g_ft = np.zeros((C, N, K), np.float32)
+        k["reduce_slots"](gslot, gstart, slots, N, g_m2d, g_con, g_op, g_ft)
+        d = ctx.dtypes
+        return (torch.from_numpy(g_m2d).to(d[0]), torch.from_numpy(g_con).to(d[1]), torch.from_numpy(g_op).to(d[2]),
+                torch.from_numpy(g_ft).to(d[3]), None, None, None, None)
+
+
+def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width: int, height: int):
+    """Numba EWA projection; same outputs as ``gaussians_torch.project_gaussians`` minus ``covars2d``:
+    ``means2d [C,N,2]``, ``conics [C,N,3]``, ``depths [C,N]`` (differentiable) and ``radii [C,N,2]`` (int32)."""
+    return _ProjectFn.apply(means, quats, scales, opacities.detach(), viewmats.detach(), Ks.detach(), width, height)
+
+
+def rasterize_projected(means2d, conics, opacities, feats, radii, depths, width: int, height: int):
+    """Numba tile rasterizer; same contract as ``gaussians_torch.rasterize_projected`` (no background):
+    returns ``feats [C,H,W,K]`` and ``alphas [C,H,W]``."""
+    return _RasterizeFn.apply(means2d, conics, opacities, feats, radii, depths.detach(), width, height)

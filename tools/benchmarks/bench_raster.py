@@ -1,0 +1,80 @@
+"""Gaussian rasterization on CPU: the numba backend beside the torch reference, forward and forward+backward.
+
+Scene: N Gaussians with means uniform in a 0.5 x 1.7 x 0.3 m box 3 m in front of one pinhole camera (the box fills
+~85 % of the image height), scales 5-15 mm, random rotations, opacities in (0.1, 0.9), RGB colours. Rows report the
+median milliseconds per call; ``fwd+bwd`` includes the backward to all Gaussian parameters. Baseline: the torch
+reference (``backend="torch"``) timed in the same process (fewer repetitions for the large cases).
+
+    python tools/benchmarks/bench_raster.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tools.benchmarks.common import emit, median_ms, parser, row
+
+
+def make_scene(n: int, size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g) - 0.5) * torch.tensor([0.5, 1.7, 0.3])
+    quats = torch.randn(n, 4, generator=g)
+    scales = 0.005 + 0.01 * torch.rand(n, 3, generator=g)
+    opacities = 0.1 + 0.8 * torch.rand(n, generator=g)
+    colors = torch.rand(n, 3, generator=g)
+    viewmat = torch.eye(4)
+    viewmat[2, 3] = 3.0
+    f = 0.85 * size * 3.0 / 1.7
+    K = torch.tensor([[f, 0.0, size / 2], [0.0, f, size / 2], [0.0, 0.0, 1.0]])
+    return (means, quats, scales, opacities, colors), viewmat[None], K[None]
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    from avatar.render.gaussians import rasterize_gaussians
+
+    cases = [(10_000, 256), (10_000, 512), (50_000, 256), (50_000, 512)]
+    reps = 5 if args.quick else 20
+
+    def fns(params, vm, K, size, backend):
+        def fwd():
+            with torch.no_grad():
+                return rasterize_gaussians(*params, vm, K, size, size, backend=backend)
+
+        leaves = [p.clone().requires_grad_(True) for p in params]
+
+        def fwd_bwd():
+            r = rasterize_gaussians(*leaves, vm, K, size, size, backend=backend)
+            (r.colors.sum() + r.alphas.sum() + 0.1 * r.depths.sum()).backward()
+            for p in leaves:
+                p.grad = None
+
+        return fwd, fwd_bwd
+
+    # compile (or load the numba cache) outside the timings
+    p, vm, K = make_scene(1000, 64)
+    fns(p, vm, K, 64, "cpu")[1]()
+
+    rows = []
+    for n, size in cases:
+        params, vm, K = make_scene(n, size)
+        cpu_fwd, cpu_fb = fns(params, vm, K, size, "cpu")
+        ref_fwd, ref_fb = fns(params, vm, K, size, "torch")
+        big = n * size * size > 10_000 * 256 * 256
+        ref_reps = 1 if (args.quick or big) else 3
+        ref_warm = 0 if (args.quick or big) else 1
+        if args.quick and n == 50_000 and size == 512:
+            ref_t = (None, None)  # the torch reference needs tens of seconds here; skipped in --quick
+        else:
+            ref_t = (median_ms(ref_fwd, ref_reps, ref_warm), median_ms(ref_fb, ref_reps, ref_warm))
+        cpu_t = (median_ms(cpu_fwd, reps), median_ms(cpu_fb, reps))
+        name = f"{n // 1000}k@{size}"
+        rows.append(row(f"cpu fwd {name}", cpu_t[0], "ms", ref_t[0]))
+        rows.append(row(f"cpu fwd+bwd {name}", cpu_t[1], "ms", ref_t[1]))
+        if n == 50_000 and size == 512:
+            rows.append(row(f"cpu fwd {name} fps", 1000.0 / cpu_t[0], "fps", None))
+    emit(rows, args.json, __doc__.splitlines()[0], "torch reference backend (same process)")
+
+
+if __name__ == "__main__":
+    main()
