@@ -1,0 +1,1 @@
+"""Datasets: synthetic subjects with ground truth, ZJU-MoCap and PeopleSnapshot loaders, evaluation protocols."""
