@@ -32,8 +32,11 @@ from avatar.render.gaussians_torch import ALPHA_MAX, ALPHA_MIN, EPS2D, EXTEND_MA
 # always lies inside the Gaussian's radius box, hence in a tile that the box overlaps (32x8, 64x4 measured no faster).
 TILE_W = 16
 TILE_H = 16
+VECTOR_MIN_RADIUS = 6.0  # mean screen radius (px) from which the 16-lane kernels are used
 _KERNELS = None
 _fexp = None  # numba fast exp, set by _kernels()
+_vexp = None  # the same, vectorizable (float floor + bitcast), set by _kernels()
+_bits_to_f32 = None
 
 
 def _kernels():  # noqa: C901 - one place that defines all numba kernels
@@ -60,6 +63,31 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
 
     global _fexp
     _fexp = fexp  # the kernels below call it as a module global (closures would defeat cache=True)
+
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def bits_to_f32(typingctx, x):
+        """Reinterpret int32 bits as float32 (an LLVM bitcast, so loops using it still vectorize)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return types.float32(types.int32), codegen
+
+    @numba.njit(cache=True, fastmath=True, inline="always")
+    def vexp(x):
+        """``fexp`` written with float floor and a bitcast only, so that LLVM vectorizes loops calling it."""
+        y = min(max(x * np.float32(1.4426950408889634), np.float32(-126.0)), np.float32(126.0))
+        k = np.floor(y + np.float32(0.5))
+        t = y - k
+        p = np.float32(1.0) + t * (np.float32(0.6931471805599453) + t * (np.float32(0.2402265069591007) + t * (
+            np.float32(0.05550410866482158) + t * (np.float32(0.009618129107628477) + t * (
+                np.float32(0.0013333558146428443) + t * np.float32(0.00015403530393381606))))))
+        return p * _bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))
+
+    global _bits_to_f32, _vexp
+    _bits_to_f32 = bits_to_f32
+    _vexp = vexp
 
     @pjit
     def project_fwd(means, quats, scales, opac, viewmats, Ks, W, H, near, far, eps2d, amin, emax,
@@ -559,8 +587,236 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
             for k in range(K):
                 g_feat[c, g, k] = acc[6 + k]
 
+
+    @pjit
+    def raster_fwd4(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, amin, amax, tmin,
+                    out, alphas, tfinal, ncontrib):
+        """``raster_fwd`` for 16x16 tiles and exactly 4 channels (RGB + depth), vectorized: each (Gaussian, tile row)
+        is processed as 16 branch-free lanes (done pixels carry a negative transmittance), which LLVM turns into
+        SIMD code; about 15% faster than the per-pixel loop of ``raster_fwd`` on the benchmark scene."""
+        C = means2d.shape[0]
+        T = tw * th
+        amax32 = np.float32(amax)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        half = np.float32(0.5)
+        for it in prange(C * T):
+            c = it // T
+            t = it - c * T
+            tx0 = (t % tw) * 16
+            ty0 = (t // tw) * 16
+            bw = min(16, W - tx0)
+            bh = min(16, H - ty0)
+            npix = bw * bh
+            Tp = np.ones((16, 16), np.float32)
+            a0 = np.zeros((16, 16), np.float32)
+            a1 = np.zeros((16, 16), np.float32)
+            a2 = np.zeros((16, 16), np.float32)
+            a3 = np.zeros((16, 16), np.float32)
+            ncon = np.zeros((16, 16), np.int32)
+            lanef = np.empty(16, np.float32)
+            for lx in range(16):
+                lanef[lx] = np.float32(tx0 + lx) + half
+                if lx >= bw:
+                    for ly in range(16):
+                        Tp[ly, lx] = -one  # outside the image: never contributes
+            rowdone = np.zeros(16, np.int32)
+            for ly in range(bh, 16):
+                rowdone[ly] = 16
+            ndone = 0
+            start = offsets[it]
+            end = offsets[it + 1]
+            for j in range(start, end):
+                if ndone >= npix:
+                    break
+                g = gids[j]
+                mx = means2d[c, g, 0]
+                my = means2d[c, g, 1]
+                A = conics[c, g, 0]
+                B = conics[c, g, 1]
+                Cc = conics[c, g, 2]
+                op = opac[c, g]
+                lvl = np.float32(math.log(op / amin))
+                det = A * Cc - B * B
+                if lvl <= 0 or det <= 0 or A <= 0:
+                    continue
+                f0 = feats[c, g, 0]; f1 = feats[c, g, 1]; f2 = feats[c, g, 2]; f3 = feats[c, g, 3]
+                lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
+                hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
+                y0 = max(ty0, int(math.ceil(my - hy - half)))
+                y1 = min(ty0 + bh, int(math.floor(my + hy - half)) + 1)
+                jn = np.int32(j - start + 1)
+                nha = -half * A
+                for py in range(y0, y1):
+                    ly = py - ty0
+                    if rowdone[ly] >= 16:
+                        continue
+                    dy = my - (np.float32(py) + half)
+                    cst = -half * Cc * dy * dy
+                    bdy = -B * dy
+                    Trow = Tp[ly]
+                    r0 = a0[ly]; r1 = a1[ly]; r2 = a2[ly]; r3 = a3[ly]; rn = ncon[ly]
+                    nfin = 0
+                    for lx in range(16):
+                        dx = mx - lanef[lx]
+                        pw = nha * dx * dx + bdy * dx + cst
+                        al = min(amax32, op * _vexp(pw))
+                        Tc = Trow[lx]
+                        nT = Tc * (one - al)
+                        ok = (al >= amin) & (Tc > zero)
+                        fin = ok & (nT <= tmin)
+                        con = ok & (nT > tmin)
+                        w = al * Tc if con else zero
+                        r0[lx] += f0 * w
+                        r1[lx] += f1 * w
+                        r2[lx] += f2 * w
+                        r3[lx] += f3 * w
+                        Trow[lx] = nT if con else (-Tc if fin else Tc)
+                        rn[lx] = jn if con else rn[lx]
+                        nfin += np.int32(fin)
+                    rowdone[ly] += nfin
+                    ndone += nfin
+            for ly in range(bh):
+                for lx in range(bw):
+                    y = ty0 + ly; x = tx0 + lx
+                    out[c, y, x, 0] = a0[ly, lx]; out[c, y, x, 1] = a1[ly, lx]; out[c, y, x, 2] = a2[ly, lx]; out[c, y, x, 3] = a3[ly, lx]
+                    Tv = abs(Tp[ly, lx])
+                    alphas[c, y, x] = 1.0 - Tv
+                    tfinal[c, y, x] = Tv
+                    ncontrib[c, y, x] = ncon[ly, lx]
+
+    @pjit
+    def raster_bwd_vec(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax,
+                       tfinal, ncontrib, g_out, g_alpha, gslot):
+        """``raster_bwd`` for 16x16 tiles, vectorized over the 16 lanes of each (Gaussian, tile row) in three
+        branch-free passes (alpha and transmittance, channels, 2D-Gaussian gradients); same slots, same values."""
+        C = means2d.shape[0]
+        K = feats.shape[2]
+        T = tw * th
+        amax32 = np.float32(amax)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        half = np.float32(0.5)
+        for it in prange(C * T):
+            c = it // T
+            t = it - c * T
+            tx0 = (t % tw) * 16
+            ty0 = (t // tw) * 16
+            bw = min(16, W - tx0)
+            bh = min(16, H - ty0)
+            Tp = np.ones((16, 16), np.float32)
+            TfGa = np.zeros((16, 16), np.float32)   # T_final * dL/dalpha
+            ncon = np.zeros((16, 16), np.int32)
+            rowmax = np.zeros(16, np.int32)
+            gc = np.zeros((K, 16, 16), np.float32)
+            Sacc = np.zeros((K, 16, 16), np.float32)
+            lanef = np.empty(16, np.float32)
+            for lx in range(16):
+                lanef[lx] = np.float32(tx0 + lx) + half
+            gal = np.empty(16, np.float32)
+            wl = np.empty(16, np.float32)
+            il = np.empty(16, np.float32)
+            Tbl = np.empty(16, np.float32)
+            vl = np.empty(16, np.float32)
+            gf = np.zeros(K, np.float32)
+            jmax = 0
+            for ly in range(bh):
+                for lx in range(bw):
+                    y = ty0 + ly; x = tx0 + lx
+                    Tp[ly, lx] = tfinal[c, y, x]
+                    TfGa[ly, lx] = tfinal[c, y, x] * g_alpha[c, y, x]
+                    ncon[ly, lx] = ncontrib[c, y, x]
+                    rowmax[ly] = max(rowmax[ly], ncon[ly, lx])
+                    for k in range(K):
+                        gc[k, ly, lx] = g_out[c, y, x, k]
+                jmax = max(jmax, rowmax[ly])
+            start = offsets[it]
+            for jj in range(jmax - 1, -1, -1):  # back to front
+                j = start + jj
+                g = gids[j]
+                mx = means2d[c, g, 0]
+                my = means2d[c, g, 1]
+                A = conics[c, g, 0]
+                B = conics[c, g, 1]
+                Cc = conics[c, g, 2]
+                op = opac[c, g]
+                lvl = np.float32(math.log(op / amin))
+                det = A * Cc - B * B
+                if lvl <= 0 or det <= 0 or A <= 0:
+                    continue
+                lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
+                hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
+                y0 = max(ty0, int(math.ceil(my - hy - half)))
+                y1 = min(ty0 + bh, int(math.floor(my + hy - half)) + 1)
+                nha = -half * A
+                gmx = zero; gmy = zero; gA = zero; gB = zero; gC = zero; gop = zero
+                for k in range(K):
+                    gf[k] = zero
+                jj32 = np.int32(jj)
+                for py in range(y0, y1):
+                    ly = py - ty0
+                    if jj >= rowmax[ly]:
+                        continue
+                    dy = my - (np.float32(py) + half)
+                    cst = -half * Cc * dy * dy
+                    bdy = -B * dy
+                    Trow = Tp[ly]
+                    nrow = ncon[ly]
+                    trow = TfGa[ly]
+                    # pass 1: per-lane alpha, transmittance in front, weight
+                    for lx in range(16):
+                        dx = mx - lanef[lx]
+                        G = _vexp(nha * dx * dx + bdy * dx + cst)
+                        raw = op * G
+                        al = min(amax32, raw)
+                        v = (jj32 < nrow[lx]) & (al >= amin)
+                        inv = one / (one - al)
+                        Tb = Trow[lx] * inv
+                        vf = one if v else zero
+                        vl[lx] = vf
+                        il[lx] = inv
+                        Tbl[lx] = Tb
+                        wl[lx] = al * Tb * vf
+                        gal[lx] = trow[lx] * inv
+                        Trow[lx] = Tb if v else Trow[lx]
+                    # pass 2: per channel
+                    for k in range(K):
+                        fk = feats[c, g, k]
+                        gck = gc[k, ly]
+                        sk = Sacc[k, ly]
+                        acc = zero
+                        for lx in range(16):
+                            s = gck[lx]
+                            acc += s * wl[lx]
+                            gal[lx] += s * (Tbl[lx] * fk - sk[lx] * il[lx])
+                            sk[lx] += fk * wl[lx]
+                        gf[k] += acc
+                    # pass 3: gradients of the 2D Gaussian
+                    for lx in range(16):
+                        dx = mx - lanef[lx]
+                        G = _vexp(nha * dx * dx + bdy * dx + cst)
+                        raw = op * G
+                        m = vl[lx] if raw < amax32 else zero
+                        ga_ = gal[lx] * m
+                        gop += ga_ * G
+                        gs = -ga_ * raw
+                        gmx += gs * (A * dx + B * dy)
+                        gmy += gs * (Cc * dy + B * dx)
+                        gA += gs * half * dx * dx
+                        gB += gs * dx * dy
+                        gC += gs * half * dy * dy
+                gslot[j, 0] = gmx
+                gslot[j, 1] = gmy
+                gslot[j, 2] = gA
+                gslot[j, 3] = gB
+                gslot[j, 4] = gC
+                gslot[j, 5] = gop
+                for k in range(K):
+                    gslot[j, 6 + k] = gf[k]
+
     _KERNELS = dict(project_fwd=project_fwd, project_bwd=project_bwd, bin_tiles=bin_tiles, raster_fwd=raster_fwd,
-                    raster_bwd=raster_bwd, reduce_slots=reduce_slots)
+                    raster_bwd=raster_bwd, reduce_slots=reduce_slots,
+                    raster_fwd4=raster_fwd4, raster_bwd_vec=raster_bwd_vec)
     return _KERNELS
 
 
@@ -619,8 +875,17 @@ class _RasterizeFn(torch.autograd.Function):
         alphas = np.empty((C, height, width), np.float32)
         tfinal = np.empty((C, height, width), np.float32)
         ncon = np.empty((C, height, width), np.int32)
-        k["raster_fwd"](m2d, con, op, ft, offsets, gids, width, height, tw, th, TILE_W, TILE_H, np.float32(ALPHA_MIN),
-                        ALPHA_MAX, np.float32(T_MIN), out, alphas, tfinal, ncon)
+        # The 16-lane kernels win for Gaussians wider than ~12 px (15% at 50k@512) and lose for small ones (whose
+        # rows cover a few pixels of the 16 lanes), measured on the benchmark scenes: choose by the mean radius.
+        valid = radii.any(-1)
+        wide = bool(valid.any()) and float(radii[valid].float().mean()) >= VECTOR_MIN_RADIUS
+        ctx.vectorized = wide and (TILE_W, TILE_H) == (16, 16)
+        if K == 4 and ctx.vectorized:  # RGB + depth: the vectorized kernel
+            k["raster_fwd4"](m2d, con, op, ft, offsets, gids, width, height, tw, th, np.float32(ALPHA_MIN), ALPHA_MAX,
+                             np.float32(T_MIN), out, alphas, tfinal, ncon)
+        else:
+            k["raster_fwd"](m2d, con, op, ft, offsets, gids, width, height, tw, th, TILE_W, TILE_H,
+                            np.float32(ALPHA_MIN), ALPHA_MAX, np.float32(T_MIN), out, alphas, tfinal, ncon)
         ctx.saved = (m2d, con, op, ft, offsets, gids, gstart, slots, tfinal, ncon, width, height, tw, th)
         ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, feats.dtype)
         return torch.from_numpy(out).to(feats.dtype), torch.from_numpy(alphas).to(feats.dtype)
@@ -633,8 +898,9 @@ class _RasterizeFn(torch.autograd.Function):
         g_out = np.zeros((C, height, width, K), np.float32) if g_out is None else _np(g_out)
         g_alpha = np.zeros((C, height, width), np.float32) if g_alpha is None else _np(g_alpha)
         gslot = np.zeros((len(gids), 6 + K), np.float32)
-        k["raster_bwd"](m2d, con, op, ft, offsets, gids, width, height, tw, th, TILE_W, TILE_H, np.float32(ALPHA_MIN),
-                        ALPHA_MAX, tfinal, ncon, g_out, g_alpha, gslot)
+        bwd = k["raster_bwd_vec"] if ctx.vectorized else k["raster_bwd"]
+        bwd(m2d, con, op, ft, offsets, gids, width, height, tw, th, TILE_W, TILE_H, np.float32(ALPHA_MIN), ALPHA_MAX,
+            tfinal, ncon, g_out, g_alpha, gslot)
         g_m2d = np.zeros((C, N, 2), np.float32)
         g_con = np.zeros((C, N, 3), np.float32)
         g_op = np.zeros((C, N), np.float32)

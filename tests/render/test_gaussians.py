@@ -59,8 +59,12 @@ def render_with_grads(scene, backend, background):
     return r, grads
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cpu_matches_torch_reference(cpu_backend, seed):
+@pytest.mark.parametrize("seed,min_radius", [(0, 1e9), (1, 1e9), (0, 0.0), (1, 0.0)])
+def test_cpu_matches_torch_reference(cpu_backend, seed, min_radius, monkeypatch):
+    """Both CPU kernel families: per-pixel (min_radius huge) and 16-lane vectorized (min_radius 0)."""
+    from avatar.render import gaussians_cpu
+
+    monkeypatch.setattr(gaussians_cpu, "VECTOR_MIN_RADIUS", min_radius)
     scene = make_scene(seed=seed)
     bg = torch.tensor([0.1, 0.2, 0.3])
     ref, g_ref = render_with_grads(scene, "torch", bg)
