@@ -111,3 +111,36 @@ class BodyOutput:
     joints: Tensor
     rest: RestBody
     pose_offsets: Tensor
+
+
+@dataclass(frozen=True)
+class GaussianSet:
+    """3D Gaussians (canonical or posed).
+
+    means:        [N, 3] metres.
+    quats:        [N, 4] rotations, wxyz (need not be normalized).
+    scales:       [N, 3] standard deviations along the rotated axes, metres (linear, not log).
+    opacities:    [N] in (0, 1).
+    colors:       [N, 3] RGB in [0, 1] (view-independent).
+    skin_weights: [N, J] dense skinning weights (rows sum to 1), or None for posed sets.
+    """
+
+    means: Tensor
+    quats: Tensor
+    scales: Tensor
+    opacities: Tensor
+    colors: Tensor
+    skin_weights: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.means.shape[0] if self.means.ndim == 2 else -1
+        _check(self.means.ndim == 2 and self.means.shape[1] == 3, f"GaussianSet.means must be [N, 3], got {tuple(self.means.shape)}")
+        for name, t, shape in (("quats", self.quats, (n, 4)), ("scales", self.scales, (n, 3)),
+                               ("opacities", self.opacities, (n,)), ("colors", self.colors, (n, 3))):
+            _check(tuple(t.shape) == shape, f"GaussianSet.{name} must be {list(shape)}, got {tuple(t.shape)}")
+        if self.skin_weights is not None:
+            _check(self.skin_weights.ndim == 2 and self.skin_weights.shape[0] == n,
+                   f"GaussianSet.skin_weights must be [N, J], got {tuple(self.skin_weights.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.means.shape[0])

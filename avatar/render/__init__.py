@@ -5,7 +5,7 @@ non-differentiable preview.
 Importing this package compiles nothing: numba kernels are built (or loaded from the on-disk cache) on first call.
 """
 
-from avatar.render.gaussians import GaussianRender, rasterize_gaussians
+from avatar.render.gaussians import GaussianRender, rasterize_gaussians, render_gaussian_set
 from avatar.render.mesh import (
     Fragments,
     MeshRenderOutput,
@@ -22,6 +22,7 @@ from avatar.render.preview import render_mesh_preview
 __all__ = [
     "GaussianRender",
     "rasterize_gaussians",
+    "render_gaussian_set",
     "Fragments",
     "MeshRenderOutput",
     "interpolate",

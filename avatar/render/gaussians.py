@@ -146,3 +146,18 @@ def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, wid
     if radii.ndim == 2:  # older gsplat: one radius for both axes
         radii = radii[..., None].expand(-1, -1, 2)
     return GaussianRender(img[..., :D], alphas[..., 0], img[..., D], means2d, radii.to(torch.int32))
+
+
+def render_gaussian_set(
+    gaussians,  # avatar.types.GaussianSet (posed, world space)
+    cameras,  # avatar.types.Cameras with viewmats [C, 4, 4], Ks [C, 3, 3]
+    background: Tensor | None = None,  # [3]
+    backend: str = "auto",
+) -> GaussianRender:
+    """Render a ``GaussianSet`` for a batch of ``Cameras`` (a thin wrapper over :func:`rasterize_gaussians`)."""
+    viewmats, Ks = cameras.viewmats, cameras.Ks
+    if viewmats.ndim == 2:
+        viewmats, Ks = viewmats[None], Ks[None]
+    return rasterize_gaussians(gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities,
+                               gaussians.colors, viewmats, Ks, cameras.width, cameras.height, background=background,
+                               backend=backend)
