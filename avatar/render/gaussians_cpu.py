@@ -718,6 +718,7 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
             il = np.empty(16, np.float32)
             Tbl = np.empty(16, np.float32)
             vl = np.empty(16, np.float32)
+            Gl = np.empty(16, np.float32)
             gf = np.zeros(K, np.float32)
             jmax = 0
             for ly in range(bh):
@@ -774,6 +775,7 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                         Tb = Trow[lx] * inv
                         vf = one if v else zero
                         vl[lx] = vf
+                        Gl[lx] = G
                         il[lx] = inv
                         Tbl[lx] = Tb
                         wl[lx] = al * Tb * vf
@@ -794,7 +796,7 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                     # pass 3: gradients of the 2D Gaussian
                     for lx in range(16):
                         dx = mx - lanef[lx]
-                        G = _vexp(nha * dx * dx + bdy * dx + cst)
+                        G = Gl[lx]
                         raw = op * G
                         m = vl[lx] if raw < amax32 else zero
                         ga_ = gal[lx] * m
