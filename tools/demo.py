@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import numpy as np
 import torch
 import tyro
 from PIL import Image
+
+from avatar.io import atomic_file, atomic_write_bytes
 
 
 @dataclasses.dataclass
@@ -30,13 +30,6 @@ class DemoConfig:
     """Image width and height in pixels."""
     seed: int = 0
     """Seed of the body shape (anny phenotype)."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def walk_pose(body, phase: float, front: torch.Tensor):
@@ -86,23 +79,23 @@ def run(cfg: DemoConfig) -> dict:
         out = body(walk_pose(body, (i + 0.5) / cfg.frames, front), shape)
         img = render_mesh_preview(out.vertices[0], body.faces, viewmat, K, cfg.size, cfg.size)
         path = cfg.out / f"frame_{i:03d}.png"
-        Image.fromarray(img).save(path.with_suffix(".tmp.png"))
-        os.replace(path.with_suffix(".tmp.png"), path)
+        with atomic_file(path) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
         frames.append(img)
         if i == 0:
             posed = trimesh.Trimesh(out.vertices[0].numpy(), body.faces.numpy(), process=False)
-            _atomic_write_bytes(cfg.out / "posed_000.ply", posed.export(file_type="ply"))
+            atomic_write_bytes(cfg.out / "posed_000.ply", posed.export(file_type="ply"))
         print(f"[avatar-demo] frame {i + 1}/{cfg.frames}", flush=True)
     canonical = trimesh.Trimesh(rest.vertices[0].numpy(), body.faces.numpy(), process=False)
-    _atomic_write_bytes(cfg.out / "canonical.ply", canonical.export(file_type="ply"))
+    atomic_write_bytes(cfg.out / "canonical.ply", canonical.export(file_type="ply"))
     cols = min(4, len(frames))
     rows = math.ceil(len(frames) / cols)
     sheet = np.full((rows * cfg.size, cols * cfg.size, 3), 255, np.uint8)
     for i, img in enumerate(frames):
         r, c = divmod(i, cols)
         sheet[r * cfg.size:(r + 1) * cfg.size, c * cfg.size:(c + 1) * cfg.size] = img
-    Image.fromarray(sheet).save(cfg.out / ".contact_sheet.tmp.png")
-    os.replace(cfg.out / ".contact_sheet.tmp.png", cfg.out / "contact_sheet.png")
+    with atomic_file(cfg.out / "contact_sheet.png") as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
     summary = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
         "body_model": body.name,
@@ -112,7 +105,7 @@ def run(cfg: DemoConfig) -> dict:
         "bones": body.num_bones,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    _atomic_write_bytes(cfg.out / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(cfg.out / "summary.json", json.dumps(summary, indent=2).encode())
     print(f"[avatar-demo] wrote {cfg.frames} frames, contact_sheet.png, canonical.ply, posed_000.ply to {cfg.out} "
           f"in {summary['seconds']} s", flush=True)
     return summary

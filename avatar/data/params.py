@@ -16,7 +16,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from avatar.geometry.rotations import axis_angle_to_matrix
@@ -44,13 +43,9 @@ SMPL_INFO = BodyModelInfo("smpl", 24, 10)
 
 def write_body_model_info(folder: Path, info: BodyModelInfo) -> None:
     """Write ``folder/body_model.json`` atomically."""
-    import os
-    import tempfile
+    from avatar.io import atomic_write_text
 
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{METADATA_FILE}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(info.to_json())
-    os.replace(tmp, folder / METADATA_FILE)
+    atomic_write_text(Path(folder) / METADATA_FILE, info.to_json())
 
 
 def read_body_model_info(folder: Path) -> BodyModelInfo:

@@ -31,13 +31,13 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from avatar.io import atomic_dir
 from avatar.data.params import BodyModelInfo, pose_to_easymocap, write_body_model_info
 from avatar.data.synthetic import SyntheticSubject, config_to_dict, render_frame
 
@@ -75,19 +75,8 @@ def atomic_subject_dir(parent: Path, name: str, overwrite: bool = False) -> Iter
         pid = stale.name[len(prefix):].split("-")[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{os.getpid()}-"))
-    try:
+    with atomic_dir(target, overwrite=overwrite, prefix=f"{prefix}{os.getpid()}-") as tmp:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-"))
-            os.replace(target, old / name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avatar.io import atomic_write_bytes
 from avatar.data.frames import Frame
 from avatar.eval.metrics import GeometryError, LpipsStatus, geometry_error, lpips_metric, psnr, ssim
 
@@ -124,20 +123,6 @@ def make_grid(rows: list[tuple[str, Tensor, Tensor]], error_scale: float = 0.25)
             canvas.paste(im, (c * W, r * H))
         draw.text((3, r * H + 2), label, fill=(255, 255, 255))
     return np.asarray(canvas)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary sibling and rename over ``path`` (readers never see a partial file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _iter_split_frames(frames) -> Iterable[tuple[str, Frame]]:

@@ -17,9 +17,6 @@ is built in a hidden temporary sibling and renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from avatar.io import atomic_dir
 
 from avatar.types import GaussianSet
 
@@ -145,22 +144,9 @@ def save_bundle(
         "created": {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "avatar_version": _package_version(), "torch": torch.__version__},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
-    try:
+    with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

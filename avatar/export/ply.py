@@ -13,13 +13,12 @@ for degree 0. Skin weights are not part of the format (export a posed set, or us
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from avatar.io import atomic_file
 from avatar.types import GaussianSet
 
 SH_C0 = 0.28209479177387814
@@ -78,16 +77,10 @@ def write_splat_ply(path: str | Path, gaussians: GaussianSet, sh_degree: int = 0
     path = Path(path)
     rec = gaussians_to_splat_array(gaussians, sh_degree)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
             f.write(_header(len(rec), list(rec.dtype.names)))
             f.write(rec.tobytes())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -6,14 +6,14 @@ returned ``VideoInfo``).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+
+from avatar.io import atomic_file
 
 CODECS = ("libx264", "h264", "libopenh264", "mpeg4")  # tried in this order
 
@@ -74,11 +74,9 @@ def write_video(
         raise ValueError(f"fps must be positive, got {fps}")
     codec = codec or pick_codec()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
-    os.close(fd)
     n, size, padded = 0, None, False
-    try:
-        with av.open(tmp, mode="w", format=path.suffix.lstrip(".") or "mp4") as container:
+    with atomic_file(path) as tmp:
+        with av.open(str(tmp), mode="w", format=path.suffix.lstrip(".") or "mp4") as container:
             stream = None
             for i, frame in enumerate(frames):
                 img = _to_uint8(frame, i)
@@ -101,10 +99,6 @@ def write_video(
                 raise ValueError("write_video got no frames")
             for packet in stream.encode():
                 container.mux(packet)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return VideoInfo(path, codec, n, W, H, int(fps), padded)
 
 
