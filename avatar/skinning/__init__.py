@@ -1,4 +1,4 @@
-"""Skinning: canonical -> posed (forward LBS / DQS) and posed -> canonical (inverse LBS)."""
+"""Skinning: canonical -> posed (forward LBS / DQS), posed -> canonical (inverse LBS), learned weight fields."""
 
 from avatar.skinning.lbs import (
     blend_transforms,
@@ -9,6 +9,7 @@ from avatar.skinning.lbs import (
     skin_covariances,
     skin_gaussians,
 )
+from avatar.skinning.weights import ResidualWeightField, residual_skin_weights, sinusoidal_encoding
 
 __all__ = [
     "blend_transforms",
@@ -18,4 +19,7 @@ __all__ = [
     "polar_rotation",
     "skin_covariances",
     "skin_gaussians",
+    "ResidualWeightField",
+    "residual_skin_weights",
+    "sinusoidal_encoding",
 ]
