@@ -1,5 +1,6 @@
-"""The fitting job on the bundled synthetic subject: held-out PSNR / SSIM against fitting time, time per step by
-stage, beside the same steps with the torch reference rasterizer (baseline, same process).
+"""bench_fit: held-out PSNR / SSIM against fitting time on the bundled synthetic subject, and step times by stage.
+
+The same training steps with the torch reference rasterizer are the baseline (same process).
 
 Writes ``psnr_vs_time.png`` and ``curve.json`` to ``--out``. ``--quick``: a small subject and few steps (< 1 min).
 
@@ -85,6 +86,17 @@ def joint_angle_error(poses: list, truth: list, bones: list[int]) -> float:
     return float(torch.stack(errs).mean())
 
 
+def joint_position_error(poses: list, truth: list, body, shape) -> float:
+    """Mean distance (mm) between the posed joints (bone heads) of ``poses`` and ``truth`` (MPJPE, all bones)."""
+    from avatar.types import BodyPose
+
+    with torch.no_grad():
+        stack = lambda ps: BodyPose(torch.stack([p.rotations for p in ps]), torch.stack([p.translation for p in ps]))  # noqa: E731
+        a = body(stack(poses), shape).joints
+        b = body(stack(truth), shape).joints
+    return float((a - b).norm(dim=-1).mean()) * 1000.0
+
+
 def plot(curve: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -165,9 +177,14 @@ def main() -> None:
         with torch.no_grad():
             refined = [result.refiner(f.pose, f.frame_id) for f in noisy]
         after = joint_angle_error(refined, [f.pose for f in truth], bones)
+        pos_before = joint_position_error([f.pose for f in noisy], [f.pose for f in truth], body, shape)
+        pos_after = joint_position_error(refined, [f.pose for f in truth], body, shape)
         pose_rows = [row(f"joint-angle error of the input poses ({len(bones)} major joints)", before, "deg", None),
                      row("joint-angle error after pose refinement", after, "deg", None),
-                     row("share of the error recovered", 1.0 - after / before, "ratio", None)]
+                     row("share of the joint-angle error recovered", 1.0 - after / before, "ratio", None),
+                     row("joint-position error of the input poses (all joints, MPJPE)", pos_before, "mm", None),
+                     row("joint-position error after pose refinement", pos_after, "mm", None),
+                     row("share of the joint-position error recovered", 1.0 - pos_after / pos_before, "ratio", None)]
     ms = lambda key, hist: 1000 * statistics.median(h[key] for h in hist)  # noqa: E731
     base = ms("t_step", ref.history[1:])
     rows = [row("train step, torch reference rasterizer (baseline)", base, "ms", base),
