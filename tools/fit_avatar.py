@@ -49,6 +49,11 @@ class FitAvatarArgs:
     """Seed of the demo subject and of the fit."""
     progress: bool = True
     """Show progress bars."""
+    geometry_frames: int = 12
+    """Posed frames whose Gaussian centres are compared with the ground-truth mesh (synthetic subjects; the exact
+    point-to-mesh distance costs seconds per frame)."""
+    device: str | None = None
+    """Torch device to fit and render on (e.g. "cuda" with the quality preset: gsplat); default: the CPU."""
 
 
 DEMO_TRAIN_CAMERA = 4  # the rig camera of the ZJU monocular protocol
@@ -104,6 +109,12 @@ def _splits(args: FitAvatarArgs, root: Path, body, smpl_dir):
     return train, tests, proto.background
 
 
+def _cpu(gaussians):
+    """A ``GaussianSet`` with every tensor on the CPU (for writing files)."""
+    return dataclasses.replace(gaussians, **{f.name: getattr(gaussians, f.name).cpu() for f in
+                                             dataclasses.fields(gaussians) if getattr(gaussians, f.name) is not None})
+
+
 def run(args: FitAvatarArgs) -> dict:
     from avatar.body import AnnyBody, load_body_model
     from avatar.data import detect_layout, read_body_model_info
@@ -111,7 +122,7 @@ def run(args: FitAvatarArgs) -> dict:
     from avatar.export.bundle import save_bundle
     from avatar.export.ply import write_splat_ply
     from avatar.export.video import write_video
-    from avatar.fit.job import fit_subject
+    from avatar.fit.job import fit_subject, frame_to
     from avatar.io import atomic_write_text
     from avatar.render import render_gaussian_set
     from configs.presets import preset
@@ -140,24 +151,28 @@ def run(args: FitAvatarArgs) -> dict:
         overrides["steps"] = args.steps
     cfg = preset(args.preset, **overrides)
     t_data = time.perf_counter() - t0
-    result = fit_subject(train, body, cfg, args.out / "fit", resume=args.resume, progress=args.progress)
+    result = fit_subject(train, body, cfg, args.out / "fit", resume=args.resume, progress=args.progress,
+                         device=args.device)
     avatar, refiner = result.avatar, result.refiner
     shape = train[0].shape
     refiner_frames = set() if refiner is None else {int(f) for f in refiner.frame_ids.tolist()}
 
+    dev = avatar.means.device
+    shape = shape.to(dev)
+
     def transforms_of(frame, refined: bool):
-        pose = frame.pose
+        pose = frame_to(frame, dev).pose
         if refined and refiner is not None and int(frame.frame_id) in refiner_frames:
             pose = refiner(pose, frame.frame_id)  # training frames seen from new cameras: the corrected pose
         t, _ = body.bone_transforms(pose, shape)
         return t[0].float()
 
-    bg = torch.tensor([0.0, 0.0, 0.0]) if background == "black" else torch.tensor([1.0, 1.0, 1.0])
+    bg = torch.tensor([0.0, 0.0, 0.0] if background == "black" else [1.0, 1.0, 1.0], device=dev)
 
     def render_fn(frame):
         posed = avatar.posed(transforms_of(frame, refined=True))
-        r = render_gaussian_set(posed, frame.camera, background=None, backend=cfg.backend)
-        return r.colors[0], r.alphas[0]
+        r = render_gaussian_set(posed, frame_to(frame, dev).camera, background=None, backend=cfg.backend)
+        return r.colors[0].cpu(), r.alphas[0].cpu()
 
     geometry_fn = None
     gt_dir = root / "vertices"
@@ -171,7 +186,7 @@ def run(args: FitAvatarArgs) -> dict:
         # costs seconds per frame, so each posed frame is measured once (cameras do not change the geometry)
 
         def gt_geometry(frame):
-            if geometry_frames.get(int(frame.frame_id), 0) >= 1 or len(geometry_frames) >= 12:
+            if geometry_frames.get(int(frame.frame_id), 0) >= 1 or len(geometry_frames) >= args.geometry_frames:
                 return None
             geometry_frames[int(frame.frame_id)] = 1
             path = gt_dir / f"{frame.frame_id}.npy"
@@ -179,30 +194,30 @@ def run(args: FitAvatarArgs) -> dict:
                 path = gt_dir / f"{frame.frame_id:04d}.npy"
             if not path.exists():
                 return None
-            centres = avatar.posed(transforms_of(frame, refined=True)).means
+            centres = avatar.posed(transforms_of(frame, refined=True)).means.cpu()
             return centres, torch.from_numpy(np.load(path)).float(), faces
 
         geometry_fn = gt_geometry
 
     t1 = time.perf_counter()
     with torch.no_grad():
-        report = evaluate(render_fn, tests, background=tuple(bg.tolist()), out_dir=args.out / "eval",
+        report = evaluate(render_fn, tests, background=tuple(bg.cpu().tolist()), out_dir=args.out / "eval",
                           geometry_fn=geometry_fn, seed=args.seed)
     t_eval = time.perf_counter() - t1
     with torch.no_grad():
-        canonical = avatar.canonical()
-        save_bundle(args.out / "avatar", canonical, body.name, body.bone_names, body.bone_parents, shape.float(),
+        canonical = _cpu(avatar.canonical())
+        save_bundle(args.out / "avatar", canonical, body.name, body.bone_names, body.bone_parents, shape.float().cpu(),
                     {"fit": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "data": str(root)},
-                    {f"state.{k}": v.detach() for k, v in avatar.state_dict().items()},
+                    {f"state.{k}": v.detach().cpu() for k, v in avatar.state_dict().items()},
                     shape_names=body.shape_names, overwrite=True)
         write_splat_ply(args.out / "canonical.ply", canonical)
         first_pose = next(iter(tests["novel_pose"])) if "novel_pose" in tests else train[0]
-        write_splat_ply(args.out / "posed.ply", avatar.posed(transforms_of(first_pose, refined=False)))
+        write_splat_ply(args.out / "posed.ply", _cpu(avatar.posed(transforms_of(first_pose, refined=False))))
         motion_frames = list(tests["novel_pose"]) if "novel_pose" in tests else [train[i] for i in range(len(train))]
-        cam = train[0].camera
+        cam = frame_to(train[0], dev).camera
         video = write_video(args.out / "motion.mp4", (
             (render_gaussian_set(avatar.posed(transforms_of(f, refined=False)), cam, background=bg,
-                                 backend=cfg.backend).colors[0].clamp(0, 1) * 255).to(torch.uint8).numpy()
+                                 backend=cfg.backend).colors[0].clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
             for f in motion_frames), fps=10)
     splits = {name: {"frames": s.num_frames, "psnr": round(s.psnr, 3), "ssim": round(s.ssim, 4),
                      "lpips": s.lpips, "geometry": s.geometry} for name, s in report.splits.items()}

@@ -13,7 +13,8 @@ from tools.fit_avatar import FitAvatarArgs, run
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory, anny_body):
     out = tmp_path_factory.mktemp("fit")
-    summary = run(FitAvatarArgs(demo=True, out=out, demo_frames=4, demo_size=48, steps=6, progress=False))
+    summary = run(FitAvatarArgs(demo=True, out=out, demo_frames=4, demo_size=48, steps=6, progress=False,
+                                geometry_frames=2))
     return out, summary
 
 
@@ -26,7 +27,8 @@ def test_demo_writes_everything(tiny_demo):
     assert on_disk["train_frames"] == 4 and set(on_disk["metrics"]) == {"novel_view", "novel_pose"}
     for split in on_disk["metrics"].values():
         assert 5.0 < split["psnr"] < 60.0 and 0.0 < split["ssim"] <= 1.0
-        assert split["geometry"]["chamfer_mm"] > 0
+    geometry = on_disk["metrics"]["novel_view"]["geometry"]  # the first 2 posed frames are measured
+    assert geometry["num_frames"] == 2 and geometry["chamfer_mm"] > 0
     assert "skinning" in on_disk["ms_per_step_by_stage"] and "backward" in on_disk["ms_per_step_by_stage"]
     assert summary["lpips"]  # a value's source or the reason it is unavailable
 
@@ -42,14 +44,15 @@ def test_exports_reload(tiny_demo):
 
 def test_resume_continues_from_the_checkpoint(tiny_demo):
     out, _ = tiny_demo
-    again = run(FitAvatarArgs(demo=True, out=out, demo_frames=4, demo_size=48, steps=6, resume=True, progress=False))
+    again = run(FitAvatarArgs(demo=True, out=out, demo_frames=4, demo_size=48, steps=6, resume=True, progress=False,
+                               geometry_frames=0))
     assert again["fit_seconds"] < 30  # nothing left to train: the final checkpoint is loaded
 
 
 @pytest.mark.parametrize("preset", ["quality"])
 def test_other_preset_runs(tmp_path, anny_body, preset):
     s = run(FitAvatarArgs(demo=True, out=tmp_path, demo_frames=3, demo_size=32, steps=3, preset=preset,
-                          progress=False))
+                          progress=False, device="cpu", geometry_frames=0))  # an explicit device takes the moving code path
     assert s["preset"] == preset and s["gaussians"] > 0
 
 
