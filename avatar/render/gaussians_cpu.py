@@ -36,6 +36,8 @@ VECTOR_MIN_RADIUS = 6.0  # mean screen radius (px) from which the 16-lane kernel
 _KERNELS = None
 _fexp = None  # numba fast exp, set by _kernels()
 _vexp = None  # the same, vectorizable (float floor + bitcast), set by _kernels()
+_ellipse_rows = None  # per-Gaussian row range and per-row column span of the alpha >= 1/255 ellipse
+_ellipse_span = None
 _bits_to_f32 = None
 
 
@@ -88,6 +90,36 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
     global _bits_to_f32, _vexp
     _bits_to_f32 = bits_to_f32
     _vexp = vexp
+
+    @numba.njit(cache=True, fastmath=True, inline="always")
+    def ellipse_rows(A, B, Cc, op, my, amin, ty0, bh):
+        """Pixels where a Gaussian's alpha reaches ``amin``: sigma = 0.5 d^T conic d <= lvl, an ellipse. Returns
+        ``(lim, y0, y1)``: twice the level (slightly widened) and the tile rows [y0, y1) it spans (empty if none)."""
+        lvl = np.float32(math.log(op / amin))
+        det = A * Cc - B * B
+        if lvl <= 0 or det <= 0 or A <= 0:
+            return np.float32(0.0), 0, 0
+        lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
+        hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
+        y0 = max(ty0, int(math.ceil(my - hy - np.float32(0.5))))
+        y1 = min(ty0 + bh, int(math.floor(my + hy - np.float32(0.5))) + 1)
+        return lim, y0, y1
+
+    @numba.njit(cache=True, fastmath=True, inline="always")
+    def ellipse_span(A, B, Cc, lim, mx, dy, tx0, bw):
+        """The pixel columns [x0, x1) of the ellipse of ``ellipse_rows`` on the row at ``dy = my - y_centre``:
+        centre mx - dxc with dxc = -B dy / A, half width sqrt(lim / A - det dy^2 / A^2)."""
+        invA = np.float32(1.0) / A
+        h2 = lim * invA - (A * Cc - B * B) * invA * invA * dy * dy
+        if h2 < 0:
+            return 0, 0
+        hw = np.float32(math.sqrt(h2))
+        xc = mx + B * invA * dy - np.float32(0.5)
+        return max(tx0, int(math.ceil(xc - hw))), min(tx0 + bw, int(math.floor(xc + hw)) + 1)
+
+    global _ellipse_rows, _ellipse_span
+    _ellipse_rows = ellipse_rows
+    _ellipse_span = ellipse_span
 
     @pjit
     def project_fwd(means, quats, scales, opac, viewmats, Ks, W, H, near, far, eps2d, amin, emax,
@@ -377,33 +409,16 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                 mx, my = means2d[c, g, 0], means2d[c, g, 1]
                 A, B, Cc = conics[c, g, 0], conics[c, g, 1], conics[c, g, 2]
                 op = opac[c, g]
-                # pixels with alpha >= 1/255: sigma = 0.5 d^T conic d <= lvl, an ellipse; per row its x span is
-                # [mx - dxc - hw, mx - dxc + hw] (pixel centres), dxc = -B dy / A, hw^2 = k0 - k1 dy^2
-                lvl = np.float32(math.log(op / amin))
-                det = A * Cc - B * B
-                if lvl <= 0 or det <= 0 or A <= 0:
+                lim, y0, y1 = _ellipse_rows(A, B, Cc, op, my, amin, ty0, bh)
+                if y0 >= y1:
                     continue
-                lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
-                invA = one / A
-                k0 = lim * invA
-                k1 = det * invA * invA
-                slope = -B * invA
-                hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
-                y0 = max(ty0, int(math.ceil(my - hy - half)))
-                y1 = min(ty0 + bh, int(math.floor(my + hy - half)) + 1)
                 qA = _fexp(-A)
                 for py in range(y0, y1):
                     ly = py - ty0
                     if rowdone[ly] >= bw:
                         continue
                     dy = my - (py + half)
-                    h2 = k0 - k1 * dy * dy
-                    if h2 < 0:
-                        continue
-                    hw = np.float32(math.sqrt(h2))
-                    xc = mx - slope * dy - half
-                    x0 = max(tx0, int(math.ceil(xc - hw)))
-                    x1 = min(tx0 + bw, int(math.floor(xc + hw)) + 1)
+                    x0, x1 = _ellipse_span(A, B, Cc, lim, mx, dy, tx0, bw)
                     if x0 >= x1:
                         continue
                     # exp(-sigma) along the row by recurrence: sigma is quadratic in x, so the ratios of
@@ -487,18 +502,9 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                 mx, my = means2d[c, g, 0], means2d[c, g, 1]
                 A, B, Cc = conics[c, g, 0], conics[c, g, 1], conics[c, g, 2]
                 op = opac[c, g]
-                lvl = np.float32(math.log(op / amin))
-                det = A * Cc - B * B
-                if lvl <= 0 or det <= 0 or A <= 0:
+                lim, y0, y1 = _ellipse_rows(A, B, Cc, op, my, amin, ty0, bh)
+                if y0 >= y1:
                     continue
-                lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
-                invA = one / A
-                k0 = lim * invA
-                k1 = det * invA * invA
-                slope = -B * invA
-                hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
-                y0 = max(ty0, int(math.ceil(my - hy - half)))
-                y1 = min(ty0 + bh, int(math.floor(my + hy - half)) + 1)
                 qA = _fexp(-A)
                 gmx = np.float32(0.0)
                 gmy = np.float32(0.0)
@@ -513,13 +519,7 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                     if jj >= rowmax[ly]:
                         continue
                     dy = my - (py + half)
-                    h2 = k0 - k1 * dy * dy
-                    if h2 < 0:
-                        continue
-                    hw = np.float32(math.sqrt(h2))
-                    xc = mx - slope * dy - half
-                    x0 = max(tx0, int(math.ceil(xc - hw)))
-                    x1 = min(tx0 + bw, int(math.floor(xc + hw)) + 1)
+                    x0, x1 = _ellipse_span(A, B, Cc, lim, mx, dy, tx0, bw)
                     if x0 >= x1:
                         continue
                     dx0 = mx - (x0 + half)
@@ -636,15 +636,10 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                 B = conics[c, g, 1]
                 Cc = conics[c, g, 2]
                 op = opac[c, g]
-                lvl = np.float32(math.log(op / amin))
-                det = A * Cc - B * B
-                if lvl <= 0 or det <= 0 or A <= 0:
+                lim, y0, y1 = _ellipse_rows(A, B, Cc, op, my, amin, ty0, bh)
+                if y0 >= y1:
                     continue
                 f0 = feats[c, g, 0]; f1 = feats[c, g, 1]; f2 = feats[c, g, 2]; f3 = feats[c, g, 3]
-                lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
-                hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
-                y0 = max(ty0, int(math.ceil(my - hy - half)))
-                y1 = min(ty0 + bh, int(math.floor(my + hy - half)) + 1)
                 jn = np.int32(j - start + 1)
                 nha = -half * A
                 for py in range(y0, y1):
@@ -741,14 +736,9 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                 B = conics[c, g, 1]
                 Cc = conics[c, g, 2]
                 op = opac[c, g]
-                lvl = np.float32(math.log(op / amin))
-                det = A * Cc - B * B
-                if lvl <= 0 or det <= 0 or A <= 0:
+                lim, y0, y1 = _ellipse_rows(A, B, Cc, op, my, amin, ty0, bh)
+                if y0 >= y1:
                     continue
-                lim = np.float32(2.0) * (lvl * np.float32(1.0001) + np.float32(1e-4))
-                hy = np.float32(math.sqrt(lim * A / det)) + np.float32(0.01)
-                y0 = max(ty0, int(math.ceil(my - hy - half)))
-                y1 = min(ty0 + bh, int(math.floor(my + hy - half)) + 1)
                 nha = -half * A
                 gmx = zero; gmy = zero; gA = zero; gB = zero; gC = zero; gop = zero
                 for k in range(K):
