@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,15 +63,24 @@ def _check(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating point tensor, got {t.dtype}")
-        if not bool(torch.isfinite(t.detach()).all()):
+        if not bool(_host(t, np.isfinite).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
-    if N and bool((quats.detach().norm(dim=-1) == 0).any()):
+    if N and bool(_host(quats, lambda q: (q == 0).all(-1)).any()):
         raise ValueError("quats contains zero quaternions (cannot be normalized)")
-    if N and bool((scales.detach() < 0).any()):
+    if N and bool(_host(scales, lambda s: s < 0).any()):
         raise ValueError("scales must be non-negative (linear, metres)")
     devices = {t.device for t in tensors.values()}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _host(t: Tensor, fn):
+    """``fn`` of a CPU float32/float64 tensor evaluated by numpy on this thread: a torch op on more than ~32k elements
+    runs on OpenMP threads whose spin-waiting competes with the numba kernels for the cores (see ``gaussians_cpu``).
+    Other tensors (CUDA, half precision) go through torch."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return fn(t.detach().numpy())
+    return fn(t.detach())
 
 
 def _log_once(msg: str) -> None:
@@ -105,16 +115,19 @@ def rasterize_gaussians(
     if means.is_cuda:
         raise ValueError(f"backend {backend!r} runs on CPU tensors; use backend='gsplat' (or 'auto') for CUDA")
 
-    if backend == "cpu":
-        from avatar.render import gaussians_cpu as impl
-    else:
-        from avatar.render import gaussians_torch as impl
     C, N, D = viewmats.shape[0], means.shape[0], colors.shape[1]
     if N == 0:
         zeros = colors.new_zeros(C, height, width, D)
         bg = zeros if background is None else zeros + background
         return GaussianRender(bg, colors.new_zeros(C, height, width), colors.new_zeros(C, height, width),
                               means.new_zeros(C, 0, 2), torch.zeros(C, 0, 2, dtype=torch.int32))
+    if backend == "cpu":
+        from avatar.render import gaussians_cpu
+
+        return GaussianRender(*gaussians_cpu.rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width,
+                                                       height, background))
+    from avatar.render import gaussians_torch as impl
+
     proj = impl.project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
     means2d, conics, depths, radii = proj[:4]
     feats = torch.cat([colors.expand(C, N, D), depths[..., None]], dim=-1)  # [C, N, D + 1]: depth as a channel

@@ -7,12 +7,23 @@ forward and backward are written here as numba kernels, wrapped in two ``torch.a
 * ``_ProjectFn``: EWA projection of ``means/quats/scales`` to ``means2d``, ``conics``, ``depths`` (+ integer radii);
   backward gives gradients to means, quats (through normalization) and scales. Parallel over Gaussians, so the
   sum over cameras needs no atomics.
-* ``_RasterizeFn``: 16x16 tiles; Gaussians sorted by depth once per camera, per-tile lists built with a count pass,
+* ``_CompositeFn``: 16x16 tiles; Gaussians sorted by depth once per camera, per-tile lists built with a count pass,
   a prefix sum and a fill in depth order; each tile (``numba.prange``) loops over its Gaussians and, for each, only
   over the pixels of the box where alpha can reach 1/255 clipped to the tile. The backward re-traverses each tile
   back to front from the saved final transmittance and per-pixel contributor count (3DGS paper), writes one gradient
   slot per (Gaussian, tile) pair from the thread owning the tile, then reduces slots per Gaussian (no races, no
-  atomics).
+  atomics). It returns the colour image (background composited in the kernel), the alpha image and the depth
+  image as three separate arrays, and takes opacities and colours shared by all cameras, so that no torch op runs
+  on image-sized or N-sized tensors between or around the kernels (no slice, ``cat``, ``expand`` backward, dtype
+  conversion or background blend in torch; numpy does the little glue there is, on the calling thread).
+
+Why the glue avoids torch: torch's intra-op pool and numba's parallel kernels run on OpenMP threads, and an idle
+libgomp thread spin-waits (up to ~300k ``pause`` instructions, milliseconds on recent Xeons) before it sleeps. On
+the 2-core benchmark machine every torch op on more than ~32k elements between two kernels paid for that: at 50k
+Gaussians @ 512x512 torch's ``isfinite``/``any``/``to`` in the old glue took ~10-15 ms each after a kernel instead of
+~0.2 ms, ~20 % of a fwd+bwd call on an otherwise idle machine and 2-4x the whole call when other processes load it.
+On a shared machine also set ``OMP_WAIT_POLICY=passive`` in the environment before Python starts (setting it from
+this module, before numba starts its threads, measured no effect); see ``avatar/render/design.md``.
 
 Conventions are those of ``gaussians_torch`` (gsplat v1.5). numba is imported lazily and kernels are compiled on
 first use (``cache=True`` keeps them on disk), so ``import avatar`` compiles nothing.
@@ -378,8 +389,9 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
         return offsets, gids, gstart, slots
 
     @pjit
-    def raster_fwd(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax, tmin,
-                   out, alphas, tfinal, ncontrib):
+    def raster_fwd(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax, tmin, bg,
+                   out, zimg, alphas, tfinal, ncontrib):
+        """out [C,H,W,K-1] = composited channels 0..K-2 + T_final * bg; zimg [C,H,W] = the last channel (no bg)."""
         C = means2d.shape[0]
         K = feats.shape[2]
         T = tw * th
@@ -452,15 +464,17 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
             for ly in range(bh):
                 for lx in range(bw):
                     p = ly * tilew + lx
-                    for k in range(K):
-                        out[c, ty0 + ly, tx0 + lx, k] = acc[p, k]
+                    Tv = Tp[p]
+                    for k in range(K - 1):
+                        out[c, ty0 + ly, tx0 + lx, k] = acc[p, k] + Tv * bg[k]
+                    zimg[c, ty0 + ly, tx0 + lx] = acc[p, K - 1]
                     alphas[c, ty0 + ly, tx0 + lx] = 1.0 - Tp[p]
                     tfinal[c, ty0 + ly, tx0 + lx] = Tp[p]
                     ncontrib[c, ty0 + ly, tx0 + lx] = ncon[p]
 
     @pjit
-    def raster_bwd(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax,
-                   tfinal, ncontrib, g_out, g_alpha, gslot):
+    def raster_bwd(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax, bg,
+                   tfinal, ncontrib, g_out, g_z, g_alpha, gslot):
         """gslot[j] = [d mx, d my, d conic a, b, c, d opacity, d feats...] of the (Gaussian, tile) pair j."""
         C = means2d.shape[0]
         K = feats.shape[2]
@@ -491,9 +505,13 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                     Tf[p] = Tp[p]
                     ncon[p] = ncontrib[c, ty0 + ly, tx0 + lx]
                     rowmax[ly] = max(rowmax[ly], ncon[p])
-                    ga[p] = g_alpha[c, ty0 + ly, tx0 + lx]
-                    for k in range(K):
-                        gc[p, k] = g_out[c, ty0 + ly, tx0 + lx, k]
+                    gav = g_alpha[c, ty0 + ly, tx0 + lx]
+                    for k in range(K - 1):
+                        gk = g_out[c, ty0 + ly, tx0 + lx, k]
+                        gc[p, k] = gk
+                        gav -= gk * bg[k]  # out = ... + (1 - alpha) bg
+                    gc[p, K - 1] = g_z[c, ty0 + ly, tx0 + lx]
+                    ga[p] = gav
                 jmax = max(jmax, rowmax[ly])
             start = offsets[it]
             for jj in range(jmax - 1, -1, -1):  # back to front
@@ -570,27 +588,30 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
     def reduce_slots(gslot, gstart, slots, N, g_m2d, g_con, g_op, g_feat):
         C = g_m2d.shape[0]
         K = g_feat.shape[2]
-        for i in prange(C * N):
+        for i in prange(C * N):  # scalar accumulators: no per-Gaussian heap array
             c = i // N
             g = i - c * N
-            acc = np.zeros(6 + K, np.float32)
+            s0 = np.float32(0.0); s1 = np.float32(0.0); s2 = np.float32(0.0)  # noqa: E702
+            s3 = np.float32(0.0); s4 = np.float32(0.0); s5 = np.float32(0.0)  # noqa: E702
+            for k in range(K):
+                g_feat[c, g, k] = 0.0
             for e in range(gstart[i], gstart[i + 1]):
                 s = slots[e]
-                for q in range(6 + K):
-                    acc[q] += gslot[s, q]
-            g_m2d[c, g, 0] = acc[0]
-            g_m2d[c, g, 1] = acc[1]
-            g_con[c, g, 0] = acc[2]
-            g_con[c, g, 1] = acc[3]
-            g_con[c, g, 2] = acc[4]
-            g_op[c, g] = acc[5]
-            for k in range(K):
-                g_feat[c, g, k] = acc[6 + k]
+                s0 += gslot[s, 0]; s1 += gslot[s, 1]; s2 += gslot[s, 2]  # noqa: E702
+                s3 += gslot[s, 3]; s4 += gslot[s, 4]; s5 += gslot[s, 5]  # noqa: E702
+                for k in range(K):
+                    g_feat[c, g, k] += gslot[s, 6 + k]
+            g_m2d[c, g, 0] = s0
+            g_m2d[c, g, 1] = s1
+            g_con[c, g, 0] = s2
+            g_con[c, g, 1] = s3
+            g_con[c, g, 2] = s4
+            g_op[c, g] = s5
 
 
     @pjit
-    def raster_fwd4(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, amin, amax, tmin,
-                    out, alphas, tfinal, ncontrib):
+    def raster_fwd4(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, amin, amax, tmin, bg,
+                    out, zimg, alphas, tfinal, ncontrib):
         """``raster_fwd`` for 16x16 tiles and exactly 4 channels (RGB + depth), vectorized: each (Gaussian, tile row)
         is processed as 16 branch-free lanes (done pixels carry a negative transmittance), which LLVM turns into
         SIMD code; about 15% faster than the per-pixel loop of ``raster_fwd`` on the benchmark scene."""
@@ -674,15 +695,18 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
             for ly in range(bh):
                 for lx in range(bw):
                     y = ty0 + ly; x = tx0 + lx
-                    out[c, y, x, 0] = a0[ly, lx]; out[c, y, x, 1] = a1[ly, lx]; out[c, y, x, 2] = a2[ly, lx]; out[c, y, x, 3] = a3[ly, lx]
                     Tv = abs(Tp[ly, lx])
+                    out[c, y, x, 0] = a0[ly, lx] + Tv * bg[0]
+                    out[c, y, x, 1] = a1[ly, lx] + Tv * bg[1]
+                    out[c, y, x, 2] = a2[ly, lx] + Tv * bg[2]
+                    zimg[c, y, x] = a3[ly, lx]
                     alphas[c, y, x] = 1.0 - Tv
                     tfinal[c, y, x] = Tv
                     ncontrib[c, y, x] = ncon[ly, lx]
 
     @pjit
-    def raster_bwd_vec(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax,
-                       tfinal, ncontrib, g_out, g_alpha, gslot):
+    def raster_bwd_vec(means2d, conics, opac, feats, offsets, gids, W, H, tw, th, tilew, tileh, amin, amax, bg,
+                       tfinal, ncontrib, g_out, g_z, g_alpha, gslot):
         """``raster_bwd`` for 16x16 tiles, vectorized over the 16 lanes of each (Gaussian, tile row) in three
         branch-free passes (alpha and transmittance, channels, 2D-Gaussian gradients); same slots, same values."""
         C = means2d.shape[0]
@@ -720,11 +744,15 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
                 for lx in range(bw):
                     y = ty0 + ly; x = tx0 + lx
                     Tp[ly, lx] = tfinal[c, y, x]
-                    TfGa[ly, lx] = tfinal[c, y, x] * g_alpha[c, y, x]
+                    gav = g_alpha[c, y, x]
+                    for k in range(K - 1):
+                        gk = g_out[c, y, x, k]
+                        gc[k, ly, lx] = gk
+                        gav -= gk * bg[k]  # out = ... + (1 - alpha) bg
+                    gc[K - 1, ly, lx] = g_z[c, y, x]
+                    TfGa[ly, lx] = tfinal[c, y, x] * gav
                     ncon[ly, lx] = ncontrib[c, y, x]
                     rowmax[ly] = max(rowmax[ly], ncon[ly, lx])
-                    for k in range(K):
-                        gc[k, ly, lx] = g_out[c, y, x, k]
                 jmax = max(jmax, rowmax[ly])
             start = offsets[it]
             for jj in range(jmax - 1, -1, -1):  # back to front
@@ -813,7 +841,20 @@ def _kernels():  # noqa: C901 - one place that defines all numba kernels
 
 
 def _np(x: Tensor, dtype=np.float32) -> np.ndarray:
+    """A contiguous numpy array of ``x`` (no copy when it already is one of ``dtype``). Everything between the kernels
+    is numpy on purpose: numpy runs on the calling thread, while a torch op on more than ~32k elements runs on OpenMP
+    threads that spin-wait around the numba kernels and compete with them for the cores (see module docstring)."""
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
+
+
+def _out(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """numpy result -> torch tensor of ``dtype`` (the dtype conversion done by numpy, on this thread)."""
+    t = torch.from_numpy(a)
+    if t.dtype == dtype:
+        return t
+    if dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(a.astype(np.float32 if dtype == torch.float32 else np.float64))
+    return t.to(dtype)  # half precision: numpy has no bfloat16
 
 
 class _ProjectFn(torch.autograd.Function):
@@ -821,86 +862,117 @@ class _ProjectFn(torch.autograd.Function):
     def forward(ctx, means, quats, scales, opacities, viewmats, Ks, width, height):
         k = _kernels()
         C, N = viewmats.shape[0], means.shape[0]
-        m2d = np.zeros((C, N, 2), np.float32)
-        con = np.zeros((C, N, 3), np.float32)
-        dep = np.zeros((C, N), np.float32)
-        rad = np.zeros((C, N, 2), np.int32)
+        m2d = np.empty((C, N, 2), np.float32)
+        con = np.empty((C, N, 3), np.float32)
+        dep = np.empty((C, N), np.float32)
+        rad = np.empty((C, N, 2), np.int32)
         args = (_np(means, np.float64), _np(quats, np.float64), _np(scales, np.float64), _np(opacities, np.float64),
                 _np(viewmats, np.float64), _np(Ks, np.float64))
         k["project_fwd"](*args, float(width), float(height), NEAR, FAR, EPS2D, ALPHA_MIN, EXTEND_MAX,
                          m2d, con, dep, rad)
         radii = torch.from_numpy(rad)
-        ctx.save_for_backward(means, quats, scales, viewmats, Ks, radii)
+        ctx.saved = args[:3] + args[4:] + (rad,)
         ctx.size = (width, height)
+        ctx.dtypes = (means.dtype, quats.dtype, scales.dtype)
         ctx.mark_non_differentiable(radii)
         return torch.from_numpy(m2d), torch.from_numpy(con), torch.from_numpy(dep), radii
 
     @staticmethod
     def backward(ctx, g_m2d, g_con, g_dep, _g_radii):
-        means, quats, scales, viewmats, Ks, radii = ctx.saved_tensors
+        means, quats, scales, viewmats, Ks, rad = ctx.saved
         k = _kernels()
-        N = means.shape[0]
-        g_means = np.zeros((N, 3), np.float64)
-        g_quats = np.zeros((N, 4), np.float64)
-        g_scales = np.zeros((N, 3), np.float64)
-        k["project_bwd"](_np(means, np.float64), _np(quats, np.float64), _np(scales, np.float64),
-                         _np(viewmats, np.float64), _np(Ks, np.float64), float(ctx.size[0]), float(ctx.size[1]), EPS2D,
-                         radii.numpy(), _np(g_m2d, np.float64), _np(g_con, np.float64), _np(g_dep, np.float64),
+        C, N = rad.shape[0], means.shape[0]
+        g_means = np.empty((N, 3), np.float64)
+        g_quats = np.empty((N, 4), np.float64)
+        g_scales = np.empty((N, 3), np.float64)
+
+        def grad(g, shape):
+            return np.zeros(shape, np.float64) if g is None else _np(g, np.float64)
+
+        k["project_bwd"](means, quats, scales, viewmats, Ks, float(ctx.size[0]), float(ctx.size[1]), EPS2D, rad,
+                         grad(g_m2d, (C, N, 2)), grad(g_con, (C, N, 3)), grad(g_dep, (C, N)),
                          g_means, g_quats, g_scales)
-        dt = means.dtype
-        return (torch.from_numpy(g_means).to(dt), torch.from_numpy(g_quats).to(dt), torch.from_numpy(g_scales).to(dt),
-                None, None, None, None, None)
+        dm, dq, ds = ctx.dtypes
+        return _out(g_means, dm), _out(g_quats, dq), _out(g_scales, ds), None, None, None, None, None
 
 
-class _RasterizeFn(torch.autograd.Function):
+class _CompositeFn(torch.autograd.Function):
+    """Tile compositing of projected Gaussians: ``D`` colour channels (+ background) and one extra channel ``z`` (the
+    camera depth for ``rasterize_gaussians``) written to its own image, so that no output is a slice of another (a
+    slice's backward would zero-fill and copy a full image in torch)."""
+
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, feats, radii, depths, width, height):
+    def forward(ctx, means2d, conics, opacities, colors, zfeat, background, radii, sort_depths, width, height):
+        # means2d [C,N,2], conics [C,N,3], opacities [N] or [C,N], colors [N,D] or [C,N,D], zfeat [C,N],
+        # background [D] or None, radii [C,N,2] int32, sort_depths [C,N] (the compositing order)
         k = _kernels()
-        C, N, K = feats.shape
+        C, N = zfeat.shape
+        D = colors.shape[-1]
+        K = D + 1
         tw, th = math.ceil(width / TILE_W), math.ceil(height / TILE_H)
-        key = torch.where(radii.any(-1), depths.detach().float(), torch.full_like(depths, float("inf"))).numpy()
+        rad = np.ascontiguousarray(radii.numpy(), np.int32)
+        valid = (rad != 0).any(-1)  # [C, N]
+        key = np.where(valid, sort_depths.detach().numpy().astype(np.float32), np.float32(np.inf))
         order = np.argsort(key, axis=1).astype(np.int64)  # numpy's SIMD sort; culled Gaussians (inf) last
-        nvalid = radii.any(-1).sum(1).to(torch.int64).numpy()
-        m2d, con, op, ft = _np(means2d), _np(conics), _np(opacities), _np(feats)
-        offsets, gids, gstart, slots = k["bin_tiles"](m2d, radii.numpy(), order, nvalid, tw, th, TILE_W, TILE_H)
-        out = np.empty((C, height, width, K), np.float32)
+        nvalid = valid.sum(1).astype(np.int64)
+        m2d, con = _np(means2d), _np(conics)
+        op = np.ascontiguousarray(np.broadcast_to(_np(opacities), (C, N)))
+        ft = np.empty((C, N, K), np.float32)
+        ft[..., :D] = _np(colors)
+        ft[..., D] = _np(zfeat)
+        bg = np.zeros(D, np.float32) if background is None else _np(background)
+        offsets, gids, gstart, slots = k["bin_tiles"](m2d, rad, order, nvalid, tw, th, TILE_W, TILE_H)
+        out = np.empty((C, height, width, D), np.float32)
+        zimg = np.empty((C, height, width), np.float32)
         alphas = np.empty((C, height, width), np.float32)
         tfinal = np.empty((C, height, width), np.float32)
         ncon = np.empty((C, height, width), np.int32)
         # The 16-lane kernels win for Gaussians wider than ~12 px (15% at 50k@512) and lose for small ones (whose
         # rows cover a few pixels of the 16 lanes), measured on the benchmark scenes: choose by the mean radius.
-        valid = radii.any(-1)
-        wide = bool(valid.any()) and float(radii[valid].float().mean()) >= VECTOR_MIN_RADIUS
+        nv = int(nvalid.sum())
+        wide = nv > 0 and float(rad[valid].mean()) >= VECTOR_MIN_RADIUS
         ctx.vectorized = wide and (TILE_W, TILE_H) == (16, 16)
         if K == 4 and ctx.vectorized:  # RGB + depth: the vectorized kernel
             k["raster_fwd4"](m2d, con, op, ft, offsets, gids, width, height, tw, th, np.float32(ALPHA_MIN), ALPHA_MAX,
-                             np.float32(T_MIN), out, alphas, tfinal, ncon)
+                             np.float32(T_MIN), bg, out, zimg, alphas, tfinal, ncon)
         else:
             k["raster_fwd"](m2d, con, op, ft, offsets, gids, width, height, tw, th, TILE_W, TILE_H,
-                            np.float32(ALPHA_MIN), ALPHA_MAX, np.float32(T_MIN), out, alphas, tfinal, ncon)
-        ctx.saved = (m2d, con, op, ft, offsets, gids, gstart, slots, tfinal, ncon, width, height, tw, th)
-        ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, feats.dtype)
-        return torch.from_numpy(out).to(feats.dtype), torch.from_numpy(alphas).to(feats.dtype)
+                            np.float32(ALPHA_MIN), ALPHA_MAX, np.float32(T_MIN), bg, out, zimg, alphas, tfinal, ncon)
+        ctx.saved = (m2d, con, op, ft, bg, offsets, gids, gstart, slots, tfinal, ncon, width, height, tw, th)
+        ctx.shapes = (tuple(opacities.shape), tuple(colors.shape))
+        ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, colors.dtype, zfeat.dtype,
+                      None if background is None else background.dtype)
+        dt = colors.dtype
+        return _out(out, dt), _out(alphas, dt), _out(zimg, dt)
 
     @staticmethod
-    def backward(ctx, g_out, g_alpha):
+    def backward(ctx, g_out, g_alpha, g_z):
         k = _kernels()
-        m2d, con, op, ft, offsets, gids, gstart, slots, tfinal, ncon, width, height, tw, th = ctx.saved
+        m2d, con, op, ft, bg, offsets, gids, gstart, slots, tfinal, ncon, width, height, tw, th = ctx.saved
         C, N, K = ft.shape
-        g_out = np.zeros((C, height, width, K), np.float32) if g_out is None else _np(g_out)
+        D = K - 1
+        g_out = np.zeros((C, height, width, D), np.float32) if g_out is None else _np(g_out)
         g_alpha = np.zeros((C, height, width), np.float32) if g_alpha is None else _np(g_alpha)
-        gslot = np.zeros((len(gids), 6 + K), np.float32)
+        g_z = np.zeros((C, height, width), np.float32) if g_z is None else _np(g_z)
+        gslot = np.zeros((len(gids), 6 + K), np.float32)  # pairs behind a tile's last contributor stay 0
         bwd = k["raster_bwd_vec"] if ctx.vectorized else k["raster_bwd"]
         bwd(m2d, con, op, ft, offsets, gids, width, height, tw, th, TILE_W, TILE_H, np.float32(ALPHA_MIN), ALPHA_MAX,
-            tfinal, ncon, g_out, g_alpha, gslot)
-        g_m2d = np.zeros((C, N, 2), np.float32)
-        g_con = np.zeros((C, N, 3), np.float32)
-        g_op = np.zeros((C, N), np.float32)
-        g_ft = np.zeros((C, N, K), np.float32)
+            bg, tfinal, ncon, g_out, g_z, g_alpha, gslot)
+        g_m2d = np.empty((C, N, 2), np.float32)
+        g_con = np.empty((C, N, 3), np.float32)
+        g_op = np.empty((C, N), np.float32)
+        g_ft = np.empty((C, N, K), np.float32)
         k["reduce_slots"](gslot, gstart, slots, N, g_m2d, g_con, g_op, g_ft)
-        d = ctx.dtypes
-        return (torch.from_numpy(g_m2d).to(d[0]), torch.from_numpy(g_con).to(d[1]), torch.from_numpy(g_op).to(d[2]),
-                torch.from_numpy(g_ft).to(d[3]), None, None, None, None)
+        op_shape, col_shape = ctx.shapes
+        d_m2d, d_con, d_op, d_col, d_z, d_bg = ctx.dtypes
+        g_opac = g_op if len(op_shape) == 2 else g_op.sum(0)
+        g_col = g_ft[..., :D] if len(col_shape) == 3 else g_ft[..., :D].sum(0)
+        g_bg = None
+        if d_bg is not None and ctx.needs_input_grad[5]:
+            g_bg = _out(np.einsum("chw,chwd->d", tfinal, g_out), d_bg)  # out = ... + T_final bg
+        return (_out(g_m2d, d_m2d), _out(g_con, d_con), _out(np.ascontiguousarray(g_opac), d_op),
+                _out(np.ascontiguousarray(g_col), d_col), _out(np.ascontiguousarray(g_ft[..., D]), d_z), g_bg,
+                None, None, None, None)
 
 
 def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width: int, height: int):
@@ -912,4 +984,28 @@ def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width: int,
 def rasterize_projected(means2d, conics, opacities, feats, radii, depths, width: int, height: int):
     """Numba tile rasterizer; same contract as ``gaussians_torch.rasterize_projected`` (no background):
     returns ``feats [C,H,W,K]`` and ``alphas [C,H,W]``."""
-    return _RasterizeFn.apply(means2d, conics, opacities, feats, radii, depths.detach(), width, height)
+    K = feats.shape[-1]
+    out, alphas, last = _CompositeFn.apply(means2d, conics, opacities, feats[..., :K - 1], feats[..., K - 1], None,
+                                           radii, depths.detach(), width, height)
+    return torch.cat([out, last[..., None]], dim=-1), alphas
+
+
+def rasterize(
+    means: Tensor,  # [N, 3] world
+    quats: Tensor,  # [N, 4] wxyz
+    scales: Tensor,  # [N, 3] linear
+    opacities: Tensor,  # [N]
+    colors: Tensor,  # [N, D]
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    background: Tensor | None,  # [D]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Projection + compositing for ``rasterize_gaussians`` (inputs checked there): ``colors [C,H,W,D]`` (with the
+    background), ``alphas [C,H,W]``, accumulated ``depths [C,H,W]``, ``means2d [C,N,2]``, ``radii [C,N,2]``. No torch
+    op runs between the kernels (see ``_np``)."""
+    means2d, conics, depths, radii = project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
+    rgb, alphas, depth = _CompositeFn.apply(means2d, conics, opacities, colors, depths, background, radii,
+                                            depths.detach(), width, height)
+    return rgb, alphas, depth, means2d, radii

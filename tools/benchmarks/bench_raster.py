@@ -5,11 +5,20 @@ Scene: N Gaussians with means uniform in a 0.5 x 1.7 x 0.3 m box 3 m in front of
 median milliseconds per call; ``fwd+bwd`` includes the backward to all Gaussian parameters. Baseline: the torch
 reference (``backend="torch"``) timed in the same process (fewer repetitions for the large cases).
 
-    python tools/benchmarks/bench_raster.py [--quick] [--json]
+The machine's 1-minute load average is reported before and after (the benchmark machine is shared; compare
+ratios, which are measured in the same process, rather than absolute times across runs). ``--stages`` adds one row
+per stage of the CPU backend (projection, sort + binning, compositing forward and backward, slot reduction,
+projection backward), timed by calling its kernels directly; the rest of a call is glue.
+
+    python tools/benchmarks/bench_raster.py [--quick] [--json] [--stages]
 """
 
 from __future__ import annotations
 
+import math
+import os
+
+import numpy as np
 import torch
 
 from tools.benchmarks.common import emit, median_ms, parser, row
@@ -30,7 +39,10 @@ def make_scene(n: int, size: int, seed: int = 0):
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--stages", action="store_true", help="also time each stage of the CPU backend")
+    args = p.parse_args()
+    load0 = os.getloadavg()[0]
     from avatar.render.gaussians import rasterize_gaussians
 
     cases = [(10_000, 256), (10_000, 512), (50_000, 256), (50_000, 512)]
@@ -73,9 +85,82 @@ def main() -> None:
         rows.append(row(f"cpu fwd+bwd {name}", cpu_t[1], "ms", ref_t[1]))
         if n == 50_000 and size == 512:
             rows.append(row(f"cpu fwd {name} fps", 1000.0 / cpu_t[0], "fps", None))
+        if args.stages and size * size * n in (10_000 * 256 * 256, 50_000 * 512 * 512):
+            rows.extend(stage_rows(params, vm, K, size, name, reps))
     rows.extend(mesh_rows(5 if args.quick else 20))
+    rows.append(row("load average (1 min) at start", load0, "load", None))
+    rows.append(row("load average (1 min) at end", os.getloadavg()[0], "load", None))
     emit(rows, args.json, __doc__.splitlines()[0],
          "torch reference backend (same process); mesh rows: the Pillow painter's-algorithm preview of the same mesh")
+
+
+def stage_rows(params, vm, K, size: int, name: str, reps: int) -> list[dict]:
+    """Milliseconds per stage of the CPU backend on one scene, each kernel called directly on the arrays the glue of
+    ``gaussians_cpu`` would pass (so ``fwd`` / ``fwd+bwd`` minus the stages is the glue: conversions, allocations,
+    autograd)."""
+    from avatar.render import gaussians_cpu as G
+    from avatar.render.gaussians_torch import ALPHA_MAX, ALPHA_MIN, EPS2D, EXTEND_MAX, FAR, NEAR, T_MIN
+
+    k = G._kernels()
+    means, quats, scales, opac, colors = params
+    C, N, W = 1, means.shape[0], size
+    tw = math.ceil(W / G.TILE_W)
+    m2d, con = np.empty((C, N, 2), np.float32), np.empty((C, N, 3), np.float32)
+    dep, rad = np.empty((C, N), np.float32), np.empty((C, N, 2), np.int32)
+    a64 = [G._np(x, np.float64) for x in (means, quats, scales, opac, vm, K)]
+
+    def project():
+        k["project_fwd"](*a64, float(W), float(W), NEAR, FAR, EPS2D, ALPHA_MIN, EXTEND_MAX, m2d, con, dep, rad)
+
+    project()
+    valid = (rad != 0).any(-1)
+
+    def sort_bin():
+        order = np.argsort(np.where(valid, dep, np.float32(np.inf)), axis=1).astype(np.int64)
+        return k["bin_tiles"](m2d, rad, order, valid.sum(1).astype(np.int64), tw, tw, G.TILE_W, G.TILE_H)
+
+    offsets, gids, gstart, slots = sort_bin()
+    ft = np.concatenate([colors.numpy()[None], dep[..., None]], -1).astype(np.float32)
+    op, bg = np.ascontiguousarray(opac.numpy()[None], np.float32), np.zeros(3, np.float32)
+    out, zimg = np.empty((C, W, W, 3), np.float32), np.empty((C, W, W), np.float32)
+    alphas, tfinal = np.empty((C, W, W), np.float32), np.empty((C, W, W), np.float32)
+    ncon = np.empty((C, W, W), np.int32)
+    vec = float(rad[valid].mean()) >= G.VECTOR_MIN_RADIUS
+    amin, tmin = np.float32(ALPHA_MIN), np.float32(T_MIN)
+
+    def fwd():
+        if vec:
+            k["raster_fwd4"](m2d, con, op, ft, offsets, gids, W, W, tw, tw, amin, ALPHA_MAX, tmin, bg, out, zimg,
+                             alphas, tfinal, ncon)
+        else:
+            k["raster_fwd"](m2d, con, op, ft, offsets, gids, W, W, tw, tw, G.TILE_W, G.TILE_H, amin, ALPHA_MAX, tmin,
+                            bg, out, zimg, alphas, tfinal, ncon)
+
+    fwd()
+    g_out, g_one = np.ones((C, W, W, 3), np.float32), np.ones((C, W, W), np.float32)
+    gslot = np.zeros((len(gids), 10), np.float32)
+    bwd_kernel = k["raster_bwd_vec"] if vec else k["raster_bwd"]
+
+    def bwd():
+        bwd_kernel(m2d, con, op, ft, offsets, gids, W, W, tw, tw, G.TILE_W, G.TILE_H, amin, ALPHA_MAX, bg, tfinal,
+                   ncon, g_out, g_one, g_one, gslot)
+
+    g_m2d, g_con = np.empty((C, N, 2), np.float32), np.empty((C, N, 3), np.float32)
+    g_op, g_ft = np.empty((C, N), np.float32), np.empty((C, N, 4), np.float32)
+
+    def reduce():
+        k["reduce_slots"](gslot, gstart, slots, N, g_m2d, g_con, g_op, g_ft)
+
+    gm, gq, gs = np.empty((N, 3)), np.empty((N, 4)), np.empty((N, 3))
+    g2, g3, g1 = np.ones((C, N, 2)), np.ones((C, N, 3)), np.ones((C, N))
+
+    def project_bwd():
+        k["project_bwd"](a64[0], a64[1], a64[2], a64[4], a64[5], float(W), float(W), EPS2D, rad, g2, g3, g1, gm, gq, gs)
+
+    kind = "16-lane" if vec else "per-pixel"
+    return [row(f"  stage {label} {name}", median_ms(f, reps), "ms", None) for label, f in (
+        ("projection", project), ("sort+binning", sort_bin), (f"composite fwd ({kind})", fwd),
+        (f"composite bwd ({kind})", bwd), ("slot reduce", reduce), ("projection bwd", project_bwd))]
 
 
 def mesh_rows(reps: int) -> list[dict]:
