@@ -1,0 +1,50 @@
+"""Compression: pruning (LAMP, gradual, structured, 2:4), quantization (int8, bf16, QAT), compact weight files and
+compact avatars. See ``design.md``."""
+
+from avatar.compress.avatar_codec import (
+    AvatarCodecConfig,
+    decode_gaussians,
+    encode_gaussians,
+    gaussian_contributions,
+    keep_mask,
+    read_compact_avatar,
+    select_gaussians,
+    write_compact_avatar,
+)
+from avatar.compress.prune import (
+    GradualPruneConfig,
+    GradualPruner,
+    apply_masks,
+    cubic_sparsity,
+    global_lamp_masks,
+    lamp_scores,
+    nm_mask,
+    prunable_weights,
+    prune_linear_neurons,
+    prune_sequential_neurons,
+    semi_structured_support,
+    sparsity_of,
+)
+from avatar.compress.quantize import (
+    CastModule,
+    Int8WeightLinear,
+    bf16_support,
+    dequantize_per_channel,
+    qat_finetune,
+    quantize_dynamic_int8,
+    quantize_per_channel_int8,
+    quantize_weight_only,
+    to_bfloat16,
+)
+from avatar.compress.storage import load_compact, save_compact
+
+__all__ = [
+    "AvatarCodecConfig", "decode_gaussians", "encode_gaussians", "gaussian_contributions", "keep_mask",
+    "read_compact_avatar", "select_gaussians", "write_compact_avatar",
+    "GradualPruneConfig", "GradualPruner", "apply_masks", "cubic_sparsity", "global_lamp_masks", "lamp_scores",
+    "nm_mask", "prunable_weights", "prune_linear_neurons", "prune_sequential_neurons", "semi_structured_support",
+    "sparsity_of",
+    "CastModule", "Int8WeightLinear", "bf16_support", "dequantize_per_channel", "qat_finetune",
+    "quantize_dynamic_int8", "quantize_per_channel_int8", "quantize_weight_only", "to_bfloat16",
+    "load_compact", "save_compact",
+]
