@@ -125,9 +125,24 @@ def checkpoint_callback(directory: Path, every: int) -> Callback:
     return cb
 
 
-def build_avatar(frames: Sequence[Frame], body_model, cfg: FitConfig, transforms: torch.Tensor) -> GaussianAvatar:
-    """The initial avatar: body rest surface for the subject's shape, colours from ``cfg.init_color_frames``."""
+def build_avatar(frames: Sequence[Frame], body_model, cfg: FitConfig, transforms: torch.Tensor,
+                 init_mesh=None) -> GaussianAvatar:
+    """The initial avatar: body rest surface for the subject's shape, colours from ``cfg.init_color_frames``.
+
+    ``init_mesh`` (opt-in): a canonical mesh with ``vertices [V, 3]``, ``faces [F, 3]``, dense ``skin_weights [V, J]``
+    and ``colors [V, 3]`` (e.g. ``avatar.fit.mesh_refine.RefinedMesh``) to start from instead: Gaussians bound to its
+    faces (``avatar.represent.mesh_gaussians.avatar_from_mesh``), colours and weights from the mesh."""
     shape = frames[0].shape
+    if init_mesh is not None:
+        from avatar.represent.mesh_gaussians import avatar_from_mesh
+
+        with torch.no_grad():
+            body_verts = body_model.rest(shape).vertices[0].float()
+            v = init_mesh.vertices.detach().float().to(body_verts.device)
+            return avatar_from_mesh(v, init_mesh.faces.to(v.device), init_mesh.skin_weights.detach().float().to(v.device),
+                                    None if getattr(init_mesh, "colors", None) is None else init_mesh.colors.float().to(v.device),
+                                    cfg.num_gaussians, body_verts, torch.Generator().manual_seed(cfg.seed),
+                                    opacity=cfg.init_opacity, weight_field=cfg.weight_field)
     with torch.no_grad():
         rest = body_model.rest(shape)
         verts = rest.vertices[0].float()
@@ -149,6 +164,7 @@ def fit_subject(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     device: torch.device | str | None = None,
+    init_mesh=None,
 ) -> FitResult:
     """Fit a Gaussian avatar to ``train`` (an ``AvatarDataset`` or any sequence of ``Frame``) of one subject.
 
@@ -157,6 +173,7 @@ def fit_subject(
     after the built-in ones (densification, checkpointing, progress) every step. Tensors stay on the device of the
     frames and ``body_model`` unless ``device`` is given: then the frames are copied there and ``body_model`` is
     moved there (``nn.Module.to``, in place); e.g. ``device="cuda"`` with ``backend="auto"`` trains with gsplat.
+    ``init_mesh``: start from Gaussians bound to this refined canonical mesh instead of the body (see ``build_avatar``).
     """
     t_start = time.perf_counter()
     cfg.validate()
@@ -172,7 +189,7 @@ def fit_subject(
         batch = BodyPose(torch.stack([p.rotations for p in poses]), torch.stack([p.translation for p in poses]))
         transforms, _ = body_model.bone_transforms(batch, shape)
         transforms = transforms.float()
-    avatar = build_avatar(frames, body_model, cfg, transforms)
+    avatar = build_avatar(frames, body_model, cfg, transforms, init_mesh)
     refiner = None
     if cfg.pose_refine:
         refiner = PoseRefiner([f.frame_id for f in frames], body_model.num_bones).to(avatar.means.device)

@@ -1,0 +1,536 @@
+"""Forward-skinning refinement of a canonical clothed mesh against posed views, with per-frame joint-angle correction.
+
+The back half of CanonicalFusion: a canonical mesh (the fused mesh of ``avatar.fusion``, or the naked body template)
+with dense skinning weights is re-posed into every view by forward LBS (``avatar.skinning.lbs_points`` over the body
+model's bone transforms of the view's pose), rendered with the differentiable mesh rasterizer
+(``avatar.render.mesh.render_mesh``: colour, soft silhouette, depth, camera-space normals) and fitted to the images,
+masks and, where given, predicted depth and normals. The unknowns are
+
+- per-vertex offsets of the canonical mesh (regularized by a Laplacian of the offsets and the normal consistency of
+  adjacent faces, so the surface moves as a smooth sheet and keeps its detail),
+- per-vertex colours (logits, ``sigmoid`` -> RGB),
+- per frame, joint angles and root transform as additive axis-angle / translation deltas on the input pose
+  (``avatar.fit.pose_refine.PoseRefiner``): a pose error of the input is then corrected instead of being baked into
+  the shape as a smear.
+
+Optimization runs in stages (:class:`MeshStage`); before a stage the mesh can be subdivided (trimesh midpoint
+subdivision: every face splits in four, the mesh stays manifold, weights and colours are interpolated onto the new
+vertices). The loop (:func:`refine_mesh`) owns the optimizer and the stage schedule; the losses and mesh operators
+are pure functions (:func:`laplacian_loss`, :func:`normal_consistency_loss`, :func:`mesh_edges`,
+:func:`face_adjacency`, :func:`image_losses`), tested on their own.
+
+Written here rather than taken from a library: pytorch3d (which has ``mesh_laplacian_smoothing`` and
+``mesh_normal_consistency``) is not installable on this platform (see ARCHITECTURE.md), and the refinement needs our
+rasterizer, body models and pose table anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from avatar.fit.pose_refine import PoseRefiner
+from avatar.render.mesh import MeshRenderOutput, render_mesh
+from avatar.skinning.lbs import lbs_points
+from avatar.types import BodyPose, Cameras
+
+__all__ = [
+    "MeshRefineConfig", "MeshStage", "RefineView", "RefinedMesh", "face_adjacency", "image_losses",
+    "laplacian_loss", "mesh_edges", "normal_consistency_loss", "refine_mesh", "subdivide_mesh", "uniform_laplacian",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure mesh operators and regularizers
+
+
+def _check_mesh(name: str, vertices: Tensor, faces: Tensor) -> None:
+    if not isinstance(vertices, Tensor) or vertices.ndim != 2 or vertices.shape[1] != 3:
+        raise ValueError(f"{name}: vertices must be a [V, 3] tensor, got {getattr(vertices, 'shape', type(vertices))}")
+    if not isinstance(faces, Tensor) or faces.ndim != 2 or faces.shape[1] != 3 or faces.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: faces must be an integer [F, 3] tensor, got {getattr(faces, 'shape', type(faces))}")
+    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= vertices.shape[0]):
+        raise ValueError(f"{name}: faces index vertices outside [0, {vertices.shape[0]})")
+
+
+def mesh_edges(faces: Tensor) -> Tensor:
+    """Unique undirected edges ``[E, 2]`` (int64, ``i < j``) of a triangle mesh ``faces [F, 3]``."""
+    f = faces.to(torch.int64)
+    e = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    e = torch.sort(e, dim=1).values
+    return torch.unique(e, dim=0)
+
+
+def face_adjacency(faces: Tensor) -> Tensor:
+    """Pairs of faces sharing an edge ``[P, 2]`` (int64). An edge shared by k > 2 faces (non-manifold) gives the
+    k - 1 consecutive pairs; boundary edges give none."""
+    f = faces.detach().cpu().numpy().astype(np.int64)
+    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)  # [3F, 2]
+    owner = np.tile(np.arange(len(f)), 3)
+    key = e[:, 0] * (int(e.max(initial=0)) + 1) + e[:, 1]
+    order = np.argsort(key, kind="stable")
+    key, owner = key[order], owner[order]
+    same = key[1:] == key[:-1]
+    pairs = np.stack([owner[:-1][same], owner[1:][same]], 1)
+    return torch.from_numpy(pairs).to(faces.device)
+
+
+def uniform_laplacian(vertices: Tensor, edges: Tensor) -> Tensor:
+    """Uniform (umbrella) Laplacian ``[V, 3]``: each vertex minus the mean of its edge neighbours
+    (``vertices [V, 3]``, ``edges [E, 2]`` undirected). Isolated vertices get 0."""
+    i = torch.cat([edges[:, 0], edges[:, 1]])
+    j = torch.cat([edges[:, 1], edges[:, 0]])
+    V = vertices.shape[0]
+    total = vertices.new_zeros(V, 3).index_add(0, i, vertices[j])
+    deg = torch.zeros(V, dtype=vertices.dtype, device=vertices.device).index_add(
+        0, i, torch.ones_like(i, dtype=vertices.dtype))
+    lap = vertices - total / deg.clamp(min=1)[:, None]
+    return torch.where(deg[:, None] > 0, lap, torch.zeros_like(lap))
+
+
+def laplacian_loss(vertices: Tensor, faces: Tensor, reference: Tensor | None = None, edges: Tensor | None = None) -> Tensor:
+    """Mean squared uniform Laplacian of ``vertices [V, 3]`` (m²), or of the displacement ``vertices - reference``
+    when ``reference [V, 3]`` is given (then a rigid or zero displacement costs nothing and the reference's own detail
+    is kept). ``edges`` (from :func:`mesh_edges`) can be passed to skip recomputing them."""
+    _check_mesh("laplacian_loss", vertices, faces)
+    if reference is not None and reference.shape != vertices.shape:
+        raise ValueError(f"laplacian_loss: reference must be {tuple(vertices.shape)}, got {tuple(reference.shape)}")
+    e = mesh_edges(faces) if edges is None else edges
+    x = vertices if reference is None else vertices - reference
+    return uniform_laplacian(x, e).square().sum(-1).mean()
+
+
+def face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Unit face normals ``[F, 3]`` (counter-clockwise = outward)."""
+    tri = vertices[faces]  # [F, 3, 3]
+    n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    return n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def normal_consistency_loss(vertices: Tensor, faces: Tensor, adjacency: Tensor | None = None) -> Tensor:
+    """Mean over pairs of adjacent faces of ``1 - cos`` of the angle between their normals (0 for a plane, 2 for a
+    folded-over pair). ``adjacency [P, 2]`` from :func:`face_adjacency` can be passed to skip recomputing it."""
+    _check_mesh("normal_consistency_loss", vertices, faces)
+    adj = face_adjacency(faces) if adjacency is None else adjacency
+    if adj.shape[0] == 0:
+        return vertices.new_zeros(())
+    n = face_normals(vertices, faces.to(torch.int64))
+    return (1.0 - (n[adj[:, 0]] * n[adj[:, 1]]).sum(-1)).mean()
+
+
+def subdivide_mesh(vertices: Tensor, faces: Tensor, attributes: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Midpoint subdivision (trimesh): every face splits in four, shared edges get one new vertex, so a manifold
+    mesh stays manifold. ``attributes`` (``{name: [V, D]}``) are interpolated linearly onto the new vertices.
+    Returns ``(vertices [V', 3], faces [4F, 3], attributes [V', D])`` on the input's device and dtypes."""
+    import trimesh.remesh
+
+    _check_mesh("subdivide_mesh", vertices, faces)
+    attrs = {k: v.detach().cpu().double().numpy() for k, v in attributes.items()}
+    for k, v in attrs.items():
+        if v.ndim != 2 or v.shape[0] != vertices.shape[0]:
+            raise ValueError(f"subdivide_mesh: attribute {k!r} must be [V, D] with V = {vertices.shape[0]}, got {v.shape}")
+    v_new, f_new, a_new = trimesh.remesh.subdivide(vertices.detach().cpu().double().numpy(),
+                                                   faces.cpu().numpy().astype(np.int64), vertex_attributes=attrs)
+    dev = vertices.device
+    out = {k: torch.from_numpy(np.asarray(a_new[k])).to(device=dev, dtype=attributes[k].dtype) for k in attributes}
+    return (torch.from_numpy(np.asarray(v_new)).to(device=dev, dtype=vertices.dtype),
+            torch.from_numpy(np.asarray(f_new, dtype=np.int64)).to(dev), out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# views and image losses
+
+
+@dataclass(frozen=True)
+class RefineView:
+    """One observation of the subject.
+
+    image:   [H, W, 3] float in [0, 1] (composited over ``MeshRefineConfig.background``).
+    mask:    [H, W] float in [0, 1] (person = 1).
+    camera:  ``Cameras`` with viewmats [4, 4], Ks [3, 3] (OpenCV).
+    pose:    ``BodyPose`` with rotations [J, 3], translation [3]: the input (possibly wrong) pose.
+    frame_id: views of one instant (cameras of a multi-view rig) share a frame id and so one pose correction.
+    depth:   [H, W] camera z in metres (0 = unknown), e.g. a predicted depth map; or None.
+    normals: [H, W, 3] unit camera-space normals (0 = unknown); or None.
+    """
+
+    image: Tensor
+    mask: Tensor
+    camera: Cameras
+    pose: BodyPose
+    frame_id: int = 0
+    depth: Tensor | None = None
+    normals: Tensor | None = None
+
+    @staticmethod
+    def from_frame(frame, depth: Tensor | None = None, normals: Tensor | None = None) -> "RefineView":
+        """A view from an ``avatar.data.frames.Frame``."""
+        return RefineView(frame.image, frame.mask, frame.camera, frame.pose, int(frame.frame_id), depth, normals)
+
+
+def image_losses(
+    render: MeshRenderOutput,
+    images: Tensor,  # [C, H, W, 3]
+    masks: Tensor,  # [C, H, W]
+    depths: Tensor | None = None,  # [C, H, W], 0 = unknown
+    normals: Tensor | None = None,  # [C, H, W, 3], 0 = unknown
+    depth_clip: float = 0.05,
+) -> dict[str, Tensor]:
+    """Per-term image losses of a render against targets (all means over pixels, scalars):
+
+    ``photo``: L1 of the colours over every pixel (background included); ``silhouette``: mean squared difference of
+    the soft silhouette and the mask; ``depth``: L1 of camera z (metres, clipped at ``depth_clip`` so a wrong
+    prediction cannot dominate) where the render and the target both have depth; ``normal``: mean ``1 - cos`` of
+    rendered and target normals where both exist. Terms without targets or without overlap are 0."""
+    zero = images.new_zeros(())
+    out = {"photo": (render.image - images).abs().mean(), "silhouette": (render.alpha - masks).square().mean(),
+           "depth": zero, "normal": zero}
+    if depths is not None:
+        valid = render.mask & (depths > 0)
+        if bool(valid.any()):
+            out["depth"] = (render.depth[valid] - depths[valid]).abs().clamp(max=depth_clip).mean()
+    if normals is not None:
+        valid = render.mask & (normals.norm(dim=-1) > 0.5)
+        if bool(valid.any()):
+            out["normal"] = (1.0 - (render.normals[valid] * normals[valid]).sum(-1)).mean()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration and result
+
+
+@dataclass(frozen=True)
+class MeshStage:
+    """One optimization stage."""
+
+    steps: int = 100
+    """Optimizer steps of this stage."""
+    vertices: bool = True
+    """Optimize the canonical vertex offsets."""
+    colors: bool = True
+    """Optimize the vertex colours."""
+    pose: bool = True
+    """Optimize the per-frame joint-angle and root corrections."""
+    subdivide: bool = False
+    """Subdivide the mesh (midpoint, 4 faces per face) before this stage, if it stays under ``max_faces``."""
+    lr_vertices: float = 1e-3
+    """Adam learning rate of the vertex offsets (metres per step, roughly)."""
+    lr_colors: float = 3e-2
+    """Adam learning rate of the colour logits."""
+    lr_pose: float = 5e-3
+    """Adam learning rate of the joint-angle deltas (radians) and root translation deltas (x 0.1, metres)."""
+
+
+@dataclass(frozen=True)
+class MeshRefineConfig:
+    """Refinement of a canonical mesh against posed views (see the module docstring)."""
+
+    stages: tuple[MeshStage, ...] = (
+        MeshStage(steps=60, vertices=False, lr_pose=1e-2),
+        MeshStage(steps=120),
+        MeshStage(steps=60, lr_vertices=5e-4, lr_pose=2e-3),
+    )
+    """The stages, in order: by default pose and colour first (the shape stays), then everything, then a finer
+    pass with smaller steps."""
+    w_photo: float = 1.0
+    """Weight of the L1 colour term."""
+    w_silhouette: float = 2.0
+    """Weight of the soft-silhouette term."""
+    w_depth: float = 5.0
+    """Weight of the depth term (L1 in metres), used for views with ``depth``."""
+    w_normal: float = 0.05
+    """Weight of the normal term (1 - cos), used for views with ``normals``."""
+    w_laplacian: float = 2e3
+    """Weight of the Laplacian of the vertex offsets (m²): keeps the displacement smooth."""
+    w_normal_consistency: float = 0.05
+    """Weight of the normal consistency of adjacent faces."""
+    w_pose_prior: float = 1e-4
+    """Weight of the L2 prior of the pose deltas towards the input pose (small: the input may be off by degrees)."""
+    views_per_step: int = 0
+    """Views rendered per step (a random subset, seeded); 0 = all views every step."""
+    max_faces: int = 200_000
+    """Subdivision is skipped when it would exceed this many faces."""
+    depth_clip: float = 0.05
+    """Depth residuals are clipped at this many metres."""
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Background colour of the images, RGB in [0, 1]."""
+    seed: int = 0
+    """Seed of the view subsets."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field out of range."""
+        if not self.stages:
+            raise ValueError("MeshRefineConfig.stages must hold at least one stage")
+        for i, s in enumerate(self.stages):
+            if not isinstance(s, MeshStage):
+                raise ValueError(f"MeshRefineConfig.stages[{i}] must be a MeshStage, got {type(s).__name__}")
+            if s.steps < 0:
+                raise ValueError(f"MeshRefineConfig.stages[{i}].steps must be >= 0, got {s.steps}")
+            for name in ("lr_vertices", "lr_colors", "lr_pose"):
+                if not getattr(s, name) >= 0:
+                    raise ValueError(f"MeshRefineConfig.stages[{i}].{name} must be >= 0, got {getattr(s, name)}")
+        for name in ("w_photo", "w_silhouette", "w_depth", "w_normal", "w_laplacian", "w_normal_consistency",
+                     "w_pose_prior"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"MeshRefineConfig.{name} must be a finite value >= 0, got {v}")
+        if self.views_per_step < 0:
+            raise ValueError(f"MeshRefineConfig.views_per_step must be >= 0, got {self.views_per_step}")
+        if not self.depth_clip > 0:
+            raise ValueError(f"MeshRefineConfig.depth_clip must be > 0, got {self.depth_clip}")
+        if len(self.background) != 3 or not all(0.0 <= float(b) <= 1.0 for b in self.background):
+            raise ValueError(f"MeshRefineConfig.background must be 3 floats in [0, 1], got {self.background!r}")
+
+
+@dataclass(frozen=True)
+class RefinedMesh:
+    """The refined canonical mesh and the corrected poses.
+
+    vertices:     [V, 3] canonical positions, metres.
+    faces:        [F, 3] int64.
+    colors:       [V, 3] RGB in [0, 1].
+    skin_weights: [V, J] dense skinning weights (carried over from the input, interpolated where subdivided).
+    frame_ids:    the frames' ids, in the row order of ``poses``.
+    poses:        ``BodyPose`` [N, J, 3] / [N, 3]: the corrected pose of each frame.
+    history:      one dict per step (stage, step, loss and its terms, seconds).
+    """
+
+    vertices: Tensor
+    faces: Tensor
+    colors: Tensor
+    skin_weights: Tensor
+    frame_ids: tuple[int, ...]
+    poses: BodyPose
+    history: list[dict] = field(default_factory=list)
+
+    def pose_of(self, frame_id: int) -> BodyPose:
+        """The corrected pose of ``frame_id`` (rotations [J, 3], translation [3])."""
+        i = self.frame_ids.index(int(frame_id))
+        return BodyPose(self.poses.rotations[i], self.poses.translation[i])
+
+    def to_trimesh(self):
+        import trimesh
+
+        col = (self.colors.detach().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        return trimesh.Trimesh(self.vertices.detach().cpu().numpy(), self.faces.cpu().numpy(), vertex_colors=col,
+                               process=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model (parameters only) and the loop
+
+
+class MeshModel(nn.Module):
+    """Parameters of the refinement: canonical ``base [V, 3]`` (buffer) + ``offsets [V, 3]``, ``color_logits
+    [V, 3]``, ``weights [V, J]`` (buffer) and the per-frame pose table (``PoseRefiner``)."""
+
+    def __init__(self, vertices: Tensor, faces: Tensor, colors: Tensor, weights: Tensor, refiner: PoseRefiner) -> None:
+        super().__init__()
+        self.register_buffer("base", vertices.detach().clone())
+        self.register_buffer("faces", faces.detach().to(torch.int64).clone())
+        self.register_buffer("weights", weights.detach().clone())
+        self.offsets = nn.Parameter(torch.zeros_like(self.base))
+        self.color_logits = nn.Parameter(_logit(colors.detach()))
+        self.refiner = refiner
+        self._topology()
+
+    def _topology(self) -> None:
+        self.edges = mesh_edges(self.faces)
+        self.adjacency = face_adjacency(self.faces)
+
+    def vertices(self) -> Tensor:
+        return self.base + self.offsets
+
+    def colors(self) -> Tensor:
+        return torch.sigmoid(self.color_logits)
+
+    @torch.no_grad()
+    def subdivide(self) -> None:
+        """Subdivide (see :func:`subdivide_mesh`): the current vertices become the new base, offsets restart at 0."""
+        v, f, a = subdivide_mesh(self.vertices(), self.faces, {"colors": self.colors(), "weights": self.weights})
+        w = a["weights"].clamp(min=0)
+        self.base = v
+        self.faces = f
+        self.weights = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+        self.offsets = nn.Parameter(torch.zeros_like(v))
+        self.color_logits = nn.Parameter(_logit(a["colors"]))
+        self._topology()
+
+    def param_groups(self, stage: MeshStage) -> list[dict]:
+        groups = []
+        if stage.vertices:
+            groups.append(dict(name="offsets", params=[self.offsets], lr=stage.lr_vertices))
+        if stage.colors:
+            groups.append(dict(name="colors", params=[self.color_logits], lr=stage.lr_colors))
+        if stage.pose:
+            groups.append(dict(name="pose_rot", params=[self.refiner.rot_deltas], lr=stage.lr_pose))
+            groups.append(dict(name="pose_trans", params=[self.refiner.trans_deltas], lr=stage.lr_pose * 0.1))
+        return groups
+
+
+def _logit(x: Tensor, eps: float = 1e-3) -> Tensor:
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x) - torch.log1p(-x)
+
+
+def _mesh_arrays(canonical_mesh) -> tuple[Tensor, Tensor]:
+    if isinstance(canonical_mesh, tuple) and len(canonical_mesh) == 2:
+        return canonical_mesh
+    if hasattr(canonical_mesh, "vertices") and hasattr(canonical_mesh, "faces"):
+        v, f = canonical_mesh.vertices, canonical_mesh.faces
+        if not isinstance(v, Tensor):
+            v, f = torch.as_tensor(np.asarray(v), dtype=torch.float32), torch.as_tensor(np.asarray(f), dtype=torch.int64)
+        return v, f
+    raise TypeError(f"refine_mesh: canonical_mesh must have .vertices and .faces (e.g. a FusedMesh) or be a "
+                    f"(vertices, faces) tuple, got {type(canonical_mesh).__name__}")
+
+
+def _stack_views(views: Sequence[RefineView], num_bones: int):
+    if len(views) == 0:
+        raise ValueError("refine_mesh: no views")
+    H, W = views[0].mask.shape
+    for i, v in enumerate(views):
+        if not isinstance(v, RefineView):
+            raise TypeError(f"refine_mesh: views[{i}] must be a RefineView, got {type(v).__name__}")
+        if v.image.shape != (H, W, 3) or v.mask.shape != (H, W):
+            raise ValueError(f"refine_mesh: views[{i}] image {tuple(v.image.shape)} / mask {tuple(v.mask.shape)} must be "
+                             f"[{H}, {W}, 3] / [{H}, {W}] like views[0]")
+        if (v.camera.width, v.camera.height) != (W, H) or v.camera.viewmats.shape != (4, 4):
+            raise ValueError(f"refine_mesh: views[{i}].camera must be one {W}x{H} camera (viewmats [4, 4]), got "
+                             f"{v.camera.width}x{v.camera.height}, viewmats {tuple(v.camera.viewmats.shape)}")
+        if v.pose.rotations.shape != (num_bones, 3) or v.pose.translation.shape != (3,):
+            raise ValueError(f"refine_mesh: views[{i}].pose must be rotations [{num_bones}, 3], translation [3], got "
+                             f"{tuple(v.pose.rotations.shape)}, {tuple(v.pose.translation.shape)}")
+        if v.depth is not None and v.depth.shape != (H, W):
+            raise ValueError(f"refine_mesh: views[{i}].depth must be [{H}, {W}], got {tuple(v.depth.shape)}")
+        if v.normals is not None and v.normals.shape != (H, W, 3):
+            raise ValueError(f"refine_mesh: views[{i}].normals must be [{H}, {W}, 3], got {tuple(v.normals.shape)}")
+    return H, W
+
+
+def posed_vertices(vertices: Tensor, weights: Tensor, transforms: Tensor) -> Tensor:
+    """Forward skinning of canonical ``vertices [V, 3]`` with dense ``weights [V, J]`` by per-view
+    ``transforms [C, J, 4, 4]`` -> ``[C, V, 3]``."""
+    return lbs_points(vertices, weights, transforms)
+
+
+def refine_mesh(canonical_mesh, skin_weights: Tensor, views: Sequence[RefineView], body, cfg: MeshRefineConfig,
+                shape: Tensor | None = None, colors: Tensor | None = None) -> RefinedMesh:
+    """Refine ``canonical_mesh`` (``.vertices [V, 3]`` / ``.faces [F, 3]``, e.g. a ``FusedMesh``, or a tuple) with
+    dense ``skin_weights [V, J]`` against ``views`` posed by ``body`` (any ``BodyModel``) with ``shape [S]`` (default:
+    the model's mean shape). ``colors [V, 3]`` start the vertex colours (default: from the views, see
+    ``avatar.represent.avatar.initial_colors``). Returns the refined mesh and every frame's corrected pose."""
+    from avatar.represent.avatar import initial_colors
+
+    if not isinstance(cfg, MeshRefineConfig):
+        raise TypeError(f"refine_mesh: cfg must be a MeshRefineConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    vertices, faces = _mesh_arrays(canonical_mesh)
+    _check_mesh("refine_mesh", vertices, faces)
+    J = body.num_bones
+    if skin_weights.shape != (vertices.shape[0], J):
+        raise ValueError(f"refine_mesh: skin_weights must be [{vertices.shape[0]}, {J}] (dense, one column per bone of "
+                         f"{body.name}), got {tuple(skin_weights.shape)}")
+    views = list(views)
+    H, W = _stack_views(views, J)
+    dev, dt = vertices.device, torch.float32
+    shape = body.default_shape() if shape is None else shape.reshape(-1)
+    images = torch.stack([v.image for v in views]).to(dev, dt)  # [C, H, W, 3]
+    masks = torch.stack([v.mask for v in views]).to(dev, dt)  # [C, H, W]
+    viewmats = torch.stack([v.camera.viewmats for v in views]).to(dev, dt)  # [C, 4, 4]
+    Ks = torch.stack([v.camera.Ks for v in views]).to(dev, dt)  # [C, 3, 3]
+    depths = (torch.stack([v.depth if v.depth is not None else torch.zeros(H, W) for v in views]).to(dev, dt)
+              if any(v.depth is not None for v in views) else None)
+    normals = (torch.stack([v.normals if v.normals is not None else torch.zeros(H, W, 3) for v in views]).to(dev, dt)
+               if any(v.normals is not None for v in views) else None)
+    frame_ids = sorted({int(v.frame_id) for v in views})
+    first = {}
+    for v in views:
+        first.setdefault(int(v.frame_id), v.pose)
+    input_rot = torch.stack([first[f].rotations for f in frame_ids]).to(dev, dt)  # [N, J, 3]
+    input_trans = torch.stack([first[f].translation for f in frame_ids]).to(dev, dt)  # [N, 3]
+    row = torch.tensor([frame_ids.index(int(v.frame_id)) for v in views], device=dev)  # [C]
+    refiner = PoseRefiner(frame_ids, J).to(dev)
+    weights = skin_weights.to(dev, dt)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    def transforms_now() -> Tensor:  # [N, J, 4, 4] for the corrected poses of every frame
+        pose = BodyPose(input_rot + refiner.rot_deltas, input_trans + refiner.trans_deltas)
+        T, _ = body.bone_transforms(pose, shape)
+        return T.to(dt)
+
+    if colors is None:
+        with torch.no_grad():
+            T0 = transforms_now()
+            col = initial_colors(vertices.to(dt), weights, [(images[c], masks[c], Cameras(viewmats[c], Ks[c], W, H),
+                                                             T0[row[c]]) for c in range(len(views))])
+    else:
+        if colors.shape != (vertices.shape[0], 3):
+            raise ValueError(f"refine_mesh: colors must be [{vertices.shape[0]}, 3], got {tuple(colors.shape)}")
+        col = colors.to(dev, dt)
+    model = MeshModel(vertices.to(dt), faces, col, weights, refiner)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    total = sum(s.steps for s in cfg.stages)
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="refine mesh", unit="step")
+    step = 0
+    try:
+        for si, stage in enumerate(cfg.stages):
+            if stage.subdivide and model.faces.shape[0] * 4 <= cfg.max_faces:
+                model.subdivide()
+            groups = model.param_groups(stage)
+            if not groups or stage.steps == 0:
+                continue
+            opt = torch.optim.Adam(groups)
+            for _ in range(stage.steps):
+                t0 = time.perf_counter()
+                sel = torch.arange(len(views), device=dev)
+                if 0 < cfg.views_per_step < len(views):
+                    sel = torch.randperm(len(views), generator=gen)[: cfg.views_per_step].to(dev)
+                T = transforms_now()[row[sel]]  # [c, J, 4, 4]
+                verts = model.vertices()
+                posed = posed_vertices(verts, model.weights, T)  # [c, V, 3]
+                out = render_mesh(posed, model.faces, model.colors(), viewmats[sel], Ks[sel], W, H,
+                                  background=cfg.background, shading=False)
+                terms = image_losses(out, images[sel], masks[sel], None if depths is None else depths[sel],
+                                     None if normals is None else normals[sel], cfg.depth_clip)
+                terms["laplacian"] = laplacian_loss(verts, model.faces, model.base, model.edges)
+                terms["normal_consistency"] = normal_consistency_loss(verts, model.faces, model.adjacency)
+                terms["pose_prior"] = refiner.prior()
+                loss = (cfg.w_photo * terms["photo"] + cfg.w_silhouette * terms["silhouette"]
+                        + cfg.w_depth * terms["depth"] + cfg.w_normal * terms["normal"]
+                        + cfg.w_laplacian * terms["laplacian"] + cfg.w_normal_consistency * terms["normal_consistency"]
+                        + cfg.w_pose_prior * terms["pose_prior"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                rec = {"stage": si, "step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - t0}
+                rec.update({k: float(v.detach()) for k, v in terms.items()})
+                history.append(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", stage=si)
+    finally:
+        if bar is not None:
+            bar.close()
+    with torch.no_grad():
+        poses = BodyPose(input_rot + refiner.rot_deltas, input_trans + refiner.trans_deltas)
+        return RefinedMesh(vertices=model.vertices().detach().clone(), faces=model.faces.clone(),
+                           colors=model.colors().detach().clone(), skin_weights=model.weights.clone(),
+                           frame_ids=tuple(frame_ids), poses=BodyPose(poses.rotations.detach().clone(),
+                                                                     poses.translation.detach().clone()),
+                           history=history)
