@@ -5,6 +5,7 @@ from avatar.compress.avatar_codec import (
     AvatarCodecConfig,
     decode_gaussians,
     encode_gaussians,
+    finetune_pruned,
     gaussian_contributions,
     keep_mask,
     read_compact_avatar,
@@ -39,7 +40,7 @@ from avatar.compress.quantize import (
 from avatar.compress.storage import load_compact, save_compact
 
 __all__ = [
-    "AvatarCodecConfig", "decode_gaussians", "encode_gaussians", "gaussian_contributions", "keep_mask",
+    "AvatarCodecConfig", "decode_gaussians", "encode_gaussians", "finetune_pruned", "gaussian_contributions", "keep_mask",
     "read_compact_avatar", "select_gaussians", "write_compact_avatar",
     "GradualPruneConfig", "GradualPruner", "apply_masks", "cubic_sparsity", "global_lamp_masks", "lamp_scores",
     "nm_mask", "prunable_weights", "prune_linear_neurons", "prune_sequential_neurons", "semi_structured_support",

@@ -17,11 +17,19 @@ Storage (one ``.safetensors`` file through ``avatar.compress.storage``; layout i
 
 17 bytes per Gaussian (10 with the codebook) against the 68 of the float32 3DGS ``.ply`` (sh_degree 0) of
 ``avatar.export.ply``.
+
+Fine-tune after pruning (LightGaussian / Compact-3DGS recover the pruned Gaussians' light this way):
+:func:`finetune_pruned` keeps the selected rows of a fitted ``GaussianAvatar`` and runs a few dozen steps of the
+project's own fitting loss (``avatar.fit.Trainer``, densification off) on its training frames, so the survivors'
+opacities / scales / colours absorb what the pruned ones contributed.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +100,47 @@ def select_gaussians(g: GaussianSet, keep: Tensor) -> GaussianSet:
         raise ValueError(f"select_gaussians: keep must be a bool [{len(g)}] tensor, got {keep.dtype} {tuple(keep.shape)}")
     sw = None if g.skin_weights is None else g.skin_weights[keep]
     return GaussianSet(g.means[keep], g.quats[keep], g.scales[keep], g.opacities[keep], g.colors[keep], sw)
+
+
+def finetune_pruned(
+    avatar,  # avatar.represent.avatar.GaussianAvatar (fitted)
+    keep: Tensor,  # [N] bool
+    frames: Sequence,  # the training ``avatar.data.Frame``s
+    body_model,
+    transforms: Tensor,  # [len(frames), J, 4, 4] canonical -> posed bone transforms of each frame
+    shape: Tensor,  # [S] body shape
+    fit_cfg,  # avatar.fit.FitConfig of the original fit
+    steps: int,
+    lr_scale: float = 0.5,
+):
+    """A copy of ``avatar`` with only the ``keep`` Gaussians, fine-tuned for ``steps`` steps of the fitting loss on
+    ``frames`` (``avatar.fit.Trainer`` with ``fit_cfg``'s losses, backend and background; densification off; every
+    learning rate times ``lr_scale``: the survivors are already converged, only the gaps need filling). ``avatar`` is
+    not modified. ``steps == 0`` returns the pruned copy as is."""
+    from avatar.fit.densify import DensifyConfig
+    from avatar.fit.trainer import Trainer
+
+    if keep.dtype != torch.bool or keep.shape != (avatar.num_gaussians,):
+        raise ValueError(f"finetune_pruned: keep must be a bool [{avatar.num_gaussians}] tensor, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
+    if not bool(keep.any()):
+        raise ValueError("finetune_pruned: keep selects no Gaussian")
+    if steps < 0:
+        raise ValueError(f"finetune_pruned: steps must be >= 0, got {steps}")
+    if len(frames) == 0 or transforms.shape[0] != len(frames):
+        raise ValueError(f"finetune_pruned: need one transform per frame, got {len(frames)} frames and "
+                         f"{tuple(transforms.shape)} transforms")
+    pruned = copy.deepcopy(avatar)
+    with torch.no_grad():
+        pruned.replace_gaussians(keep)
+    if steps == 0:
+        return pruned
+    never = steps + 1  # densification window after the last step: no growth, no opacity-based pruning
+    cfg = dataclasses.replace(fit_cfg, steps=steps, lr_scale=fit_cfg.lr_scale * lr_scale, checkpoint_every=0,
+                              densify=DensifyConfig(start=never, stop=never), pose_refine=False)
+    trainer = Trainer(cfg, pruned, body_model, frames, transforms, shape)
+    trainer.run()
+    return pruned
 
 
 # ----------------------------------------------------------------------------------------------------------------

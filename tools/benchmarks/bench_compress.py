@@ -6,6 +6,13 @@ canonical position times a smooth function of the hip, spine and shoulder rotati
 the garments only). The avatar: the clothed canonical mesh's vertices plus area samples (50k Gaussians), colours
 from the training views (``GaussianAvatar.from_surface``), the body's skinning weights.
 
+Compact avatars are measured on a separate, FITTED avatar: ``avatar.fit.fit_subject`` (fast preset, 600 steps at
+128 px, 20k initial Gaussians, densification to <= 30k; quick: 100 steps at 64 px on the body's vertices) on the
+same subject rendered without the pose-dependent offsets; variants: its uncompressed 3DGS .ply, compact (all kept,
++ codebook), importance pruning keeping 80 / 60 / 50 % (quick: 60 %) before and after a short fine-tune of the
+fitting loss (``avatar.compress.avatar_codec.finetune_pruned``); novel-pose PSNR against the held-out frames'
+ground truth.
+
 Every deformation network is fitted the same brief way: Adam on the known canonical non-rigid offsets of random
 training frames (4096 random Gaussians a step; the control points add a small ARAP term). Novel-pose PSNR renders
 the deformed + LBS-skinned Gaussians with the CPU rasterizer in held-out frames against the ground-truth mesh
@@ -14,8 +21,9 @@ renders (so the absolute value includes the Gaussians' appearance gap; the delta
 Variants: dense per-Gaussian MLP (fp32, the baseline), control points (fp32), each compressed (int8 dynamic,
 weight-only int8, bf16, structured half width + fine-tune, structured + bf16), the residual skinning-weight field,
 the issue-6 skinning-code decoder and depth/skinning predictor when their shipped weights load, and the compact
-avatar file against the uncompressed 3DGS .ply. "ms" is the median CPU time of one frame's deformation of all
-Gaussians (network + blending), in the same process and thread setting.
+avatar file against the uncompressed 3DGS .ply of a Gaussian avatar fitted to the subject's images (above). "ms"
+is the median CPU time of one frame's deformation of all Gaussians (network + blending), in the same process and
+thread setting. Quick mode: 64 px, 30 frames, 20k Gaussians, 60 network steps, a 100-step avatar fit (< 1 min).
 
     python tools/benchmarks/bench_compress.py [--quick] [--json] [--threads N]
 """
@@ -81,6 +89,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     quick = args.quick
     t_start = time.perf_counter()
+    stage: dict[str, float] = {"_t0": t_start}  # wall seconds per part of the run (printed at the end)
 
     from avatar.body import AnnyBody
     from avatar.compress import (
@@ -92,7 +101,6 @@ def main() -> None:
         quantize_weight_only,
         read_compact_avatar,
         save_compact,
-        select_gaussians,
         to_bfloat16,
         write_compact_avatar,
     )
@@ -142,7 +150,7 @@ def main() -> None:
     with torch.no_grad():
         gts = {f: gt_images(f) for f in train_ids[::8] + test_ids}  # colour init; avatar-file PSNR
     # ---- the avatar: 50k Gaussians on the clothed canonical mesh ------------------------------------------------
-    n_gauss = 50_000
+    n_gauss = 20_000 if quick else 50_000
     dense_w = body.dense_skin_weights().to(torch.float32)
     views = []
     for f in train_ids[::8]:
@@ -170,7 +178,7 @@ def main() -> None:
     scale = float((means0.max(0).values - means0.min(0).values).max())
 
     # ---- fitting ---------------------------------------------------------------------------------------------
-    steps = 100 if quick else 400
+    steps = 60 if quick else 400
     batch = 4096
 
     def fit(model: nn.Module, deform, steps: int, lr: float, arap_weight: float = 0.0) -> float:
@@ -435,47 +443,102 @@ def main() -> None:
         variants.append(Variant("depth/skin predictor", 0, 0, None, None, f"not measured: {type(e).__name__}: {e}",
                                 group="pred"))
 
-    # compact avatar ---------------------------------------------------------------------------------------------
-    plain = GaussianSet(canon.means.detach(), canon.quats.detach(), canon.scales.detach(), canon.opacities.detach(),
-                        canon.colors.detach())
-    ply_bytes = write_splat_ply(tmp / "avatar.ply", plain).stat().st_size
+    # compact avatar: a Gaussian avatar FITTED to the subject's images -------------------------------------------
+    # The fitting job (``avatar.fit.fit_subject``, the fast CPU preset, shortened) on the same subject rendered
+    # WITHOUT the pose-dependent offsets above (a static avatar cannot represent them): every 2nd training frame x
+    # 4 cameras. Novel-pose PSNR: the held-out frames' ground-truth renders (image * mask, black background, crop to
+    # the mask's box, the bench_fit protocol). Importance: accumulated alpha * T over the fitting frames' views.
+    from avatar.compress.avatar_codec import finetune_pruned
+    from avatar.data.frames import Frame
+    from avatar.data.synthetic import render_frame
+    from avatar.fit import DensifyConfig, fast_config, fit_subject
+    from avatar.types import BodyPose
 
-    def mesh_psnr(g: GaussianSet, offsets: Tensor, w: Tensor) -> tuple[float, float]:
-        """(PSNR vs the ground-truth mesh renders, PSNR vs the uncompressed avatar's renders), novel poses, both
-        with the true pose-dependent offsets applied."""
-        a, b = [], []
+    t_avatar = time.perf_counter()
+    stage["networks"] = t_avatar - stage.pop("_t0")
+    fit_ids = train_ids[::2]
+    fit_frames: list[Frame] = []
+    static_gt: dict[int, tuple[Tensor, Tensor]] = {}
+    with torch.no_grad():
+        for f in fit_ids + test_ids:
+            sf = render_frame(subject, body, f)
+            static_gt[f] = (sf.images, sf.masks)
+            if f in test_ids:
+                continue
+            pose_f = BodyPose(subject.motion.rotations[f], subject.motion.translation[f])
+            for c in range(len(cfg.cameras)):
+                cam = Cameras(subject.cameras.viewmats[c], subject.cameras.Ks[c], size, size)
+                fit_frames.append(Frame(sf.images[c], sf.masks[c], cam, pose_f, subject.shape, "anny", f, str(c)))
+    fit_transforms = torch.stack([transforms[fr.frame_id] for fr in fit_frames]).float()  # [T, J, 4, 4]
+    fit_steps = 100 if quick else 600
+    fit_cfg = fast_config(steps=fit_steps, num_gaussians=1 if quick else 20_000, backend="cpu", checkpoint_every=0,
+                          lr_scale=3.0 if quick else 1.0,
+                          densify=(DensifyConfig(start=fit_steps + 1, stop=fit_steps + 1) if quick else
+                                   DensifyConfig(start=150, stop=450, interval=100, max_gaussians=30_000)))
+    fitted = fit_subject(fit_frames, body, fit_cfg, tmp / "fit", progress=False)
+    fitted_avatar = fitted.avatar
+    stage["avatar fit"] = time.perf_counter() - t_avatar
+
+    def avatar_psnr(g: GaussianSet) -> float:
+        """Mean novel-pose PSNR of the canonical set ``g`` (with skinning weights) over held-out frames x cameras."""
+        vals = []
         with torch.no_grad():
             for f in test_ids:
-                out = render(g, g.means + offsets[f], w, f)
-                imgs, masks = gts[f]
-                a.append(psnr(out.colors.clamp(0, 1), imgs, masks).mean())
-                b.append(psnr(out.colors.clamp(0, 1), refs[f].colors.clamp(0, 1), refs[f].alphas).mean())
-        return float(torch.stack(a).mean()), float(torch.stack(b).mean())
+                pm, pq = skin_gaussians(g.means, g.quats, g.skin_weights, transforms[f])
+                out = rasterize_gaussians(pm, pq, g.scales, g.opacities, g.colors, subject.cameras.viewmats,
+                                          subject.cameras.Ks, size, size, backend="cpu")
+                imgs, masks = static_gt[f]
+                vals.append(psnr(out.colors.clamp(0, 1), imgs * masks[..., None], masks).mean())
+        return float(torch.stack(vals).mean())
 
-    ply_psnr, _ = mesh_psnr(plain, target, weights_all)
-    variants.append(Variant("avatar .ply fp32 (3DGS)", len(plain), ply_bytes, None, ply_psnr,
-                            "PSNR vs ground-truth mesh renders", group="avatar"))
+    with torch.no_grad():
+        full_set = fitted_avatar.canonical()
+        full_set = GaussianSet(*(t.detach() for t in (full_set.means, full_set.quats, full_set.scales,
+                                                      full_set.opacities, full_set.colors, full_set.skin_weights)))
+    plain = GaussianSet(full_set.means, full_set.quats, full_set.scales, full_set.opacities, full_set.colors)
+    ply_bytes = write_splat_ply(tmp / "avatar.ply", plain).stat().st_size
+    fit_train_psnr = float(np.mean([h["psnr"] for h in fitted.history[-20:]]))
+    variants.append(Variant("fitted avatar .ply fp32 (3DGS)", len(plain), ply_bytes, None, avatar_psnr(full_set),
+                            f"fit {fit_steps} steps, {fitted.seconds:.0f} s, last-20-step train PSNR "
+                            f"{fit_train_psnr:.2f} dB", group="avatar"))
     importance = torch.zeros(len(plain))
     with torch.no_grad():
-        for f in train_ids[::8]:
-            pm, pq = skin_gaussians(plain.means, plain.quats, weights_all, transforms[f])
+        for f in fit_ids:
+            pm, pq = skin_gaussians(plain.means, plain.quats, full_set.skin_weights, transforms[f])
             importance += gaussian_contributions(pm, pq, plain.scales, plain.opacities, subject.cameras.viewmats,
                                                  subject.cameras.Ks, size, size)
-    for keep, cb in ((1.0, 0), (1.0, 256), (0.6, 0), (0.5, 0), (0.6, 256), (0.4, 256)):
-        mask = keep_mask(importance, keep) if keep < 1 else torch.ones(len(plain), dtype=torch.bool)
-        sub = select_gaussians(GaussianSet(plain.means, plain.quats, plain.scales, plain.opacities, plain.colors,
-                                           weights_all), mask)
-        appearance = GaussianSet(sub.means, sub.quats, sub.scales, sub.opacities, sub.colors)
-        p = write_compact_avatar(tmp / "a.safetensors", appearance, AvatarCodecConfig(codebook_size=cb))
-        size_app = p.stat().st_size
-        with_w = write_compact_avatar(tmp / "aw.safetensors", sub, AvatarCodecConfig(codebook_size=cb))
-        back_w = read_compact_avatar(with_w)
-        ps, fid = mesh_psnr(back_w, target[:, mask], back_w.skin_weights)
-        variants.append(Variant(f"compact avatar keep {keep:.0%}{' + codebook 256' if cb else ''}", len(sub),
-                                size_app, None, ps, f"fidelity vs uncompressed render {fid:.2f} dB; file with top-4 "
-                                f"skin weights {with_w.stat().st_size} B", group="avatar"))
+
+    def compact_rows(label: str, g: GaussianSet, note: str) -> None:
+        for cb in (0, 256):
+            appearance = GaussianSet(g.means, g.quats, g.scales, g.opacities, g.colors)
+            size_app = write_compact_avatar(tmp / "a.safetensors", appearance,
+                                            AvatarCodecConfig(codebook_size=cb)).stat().st_size
+            with_w = write_compact_avatar(tmp / "aw.safetensors", g, AvatarCodecConfig(codebook_size=cb))
+            back_w = read_compact_avatar(with_w)  # rendered from the file with its top-4 uint8 skinning weights
+            variants.append(Variant(f"compact {label}{' + codebook 256' if cb else ''}", len(g), size_app, None,
+                                    avatar_psnr(back_w), f"{note}file with top-4 skin weights "
+                                    f"{with_w.stat().st_size} B ({ply_bytes / with_w.stat().st_size:.1f}x)",
+                                    group="avatar"))
+
+    compact_rows("keep 100%", full_set, "")
+    ft_steps = 30 if quick else 60
+    for keep in ((0.6,) if quick else (0.8, 0.6, 0.5)):
+        mask = keep_mask(importance, keep)
+        for steps_ft in (0, ft_steps):
+            t0 = time.perf_counter()
+            pruned = finetune_pruned(fitted_avatar, mask, fit_frames, body, fit_transforms, subject.shape, fit_cfg,
+                                     steps_ft)
+            with torch.no_grad():
+                c = pruned.canonical()
+                sub = GaussianSet(*(t.detach() for t in (c.means, c.quats, c.scales, c.opacities, c.colors,
+                                                         c.skin_weights)))
+            how = f" + fine-tune {steps_ft}" if steps_ft else " (no fine-tune)"
+            compact_rows(f"keep {keep:.0%}{how}", sub,
+                         f"fine-tune {time.perf_counter() - t0:.0f} s; " if steps_ft else "")
+    stage["compact avatar"] = time.perf_counter() - t_avatar - stage["avatar fit"]
 
     # ---- interleaved timing: one call of each variant per round, medians over rounds ----------------------------
+    t0_timing = time.perf_counter()
     timed = [v for v in variants if callable(v.ms)]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -491,6 +554,7 @@ def main() -> None:
                 samples[v.name].append((time.perf_counter() - t0) * 1000.0)
     for v in timed:
         v.ms = float(np.median(samples[v.name]))
+    stage["interleaved timing"] = time.perf_counter() - t0_timing
 
     # ---- output ---------------------------------------------------------------------------------------------------
     rows = []
@@ -518,7 +582,8 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads; bf16: {bf_why}")
     print("ms = median CPU time of one frame's deformation of all Gaussians (interleaved rounds); network PSNR: "
           "novel poses vs the same Gaussians moved by the true offsets; delta vs the dense fp32 network; avatar "
-          "rows: PSNR vs the ground-truth mesh renders, size and delta vs the uncompressed .ply\n")
+          "rows: an avatar fitted by avatar.fit.fit_subject, novel-pose PSNR vs the ground-truth renders of held-out "
+          "poses, file size (appearance only, as the .ply) and delta vs its uncompressed .ply\n")
     w = max(len(v.name) for v in variants)
     print(f"{'variant':<{w}}  {'params':>9}  {'file B':>9}  {'size x':>6}  {'ms/frame':>9}  {'speed x':>7}  "
           f"{'PSNR dB':>8}  {'delta':>6}  note")
@@ -530,7 +595,8 @@ def main() -> None:
         ps = f"{v.psnr:.2f}" if v.psnr is not None else ""
         d = f"{v.psnr - ref(v).psnr:+.2f}" if v.psnr is not None and ref(v).psnr is not None else ""
         print(f"{v.name:<{w}}  {v.params:>9}  {v.file_bytes:>9}  {sx:>6}  {ms:>9}  {spx:>7}  {ps:>8}  {d:>6}  {v.note}")
-    print(f"\n(total {time.perf_counter() - t_start:.0f} s; size x, speed x and delta are against the first row of "
+    print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stage.items()))
+    print(f"(total {time.perf_counter() - t_start:.0f} s; size x, speed x and delta are against the first row of "
           f"each group: the dense per-Gaussian fp32 network, the fp32 weight field, decoder, predictor, the .ply)")
 
 
