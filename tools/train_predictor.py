@@ -3,6 +3,9 @@
     python -m tools.train_predictor                       # -> data/predictor/depthskin_anny.safetensors (+ .json)
     python -m tools.train_predictor --quick               # tiny run (tests): -> out/predictor/depthskin_quick.safetensors
     python -m tools.train_predictor --config.steps 500 --out /tmp/depthskin.safetensors
+    python -m tools.train_predictor --thuman-root THuman2.0 --thuman-body anny --out mine.safetensors   # + scans
+    python -m tools.train_predictor --thuman-root THuman2.0 --thuman-body smplx --body-model-dir models/ \
+        --codec skin_codec_smplx.safetensors --out smplx.safetensors      # scans only: codes of another rig
 
 Fixed seeds (``--config.seed``, ``--config.train.seed``, ``--config.val.seed``): the same command writes the same
 file on the same machine and thread count. The weights are stored as float16; the JSON sidecar holds the network
@@ -47,7 +50,41 @@ class TrainPredictorArgs:
     cache: bool = True
     """Keep the rendered training / validation views in the user cache (``<cache>/predictor-samples``), keyed by
     their config and the codec file's hash, so a re-run skips rendering."""
+    thuman_root: Path | None = None
+    """A THuman2.0-layout folder (data/<id>/<id>.obj, <body>/<id>/<body>_param.pkl; avatar/predict/scans.py): its
+    scans are rendered like the synthetic subjects. With anny fits they join the synthetic training views; with
+    SMPL / SMPL-X fits (whose codes belong to another rig and need that rig's --codec) the network trains on the
+    scans alone and the last scan is held out for validation."""
+    thuman_body: str = "smplx"
+    """Body model of the fits in --thuman-root: smpl, smplx or anny."""
+    body_model_dir: Path | None = None
+    """Folder of the licensed SMPL / SMPL-X model files (not needed for --thuman-body anny)."""
     config: PredictorTrainConfig = dataclasses.field(default_factory=PredictorTrainConfig)
+
+
+def scan_training_sets(args: TrainPredictorArgs, cfg: PredictorTrainConfig, codec, cache_dir, codec_sha):
+    """(train, val) sample sets with the scans of ``args.thuman_root`` (see ``TrainPredictorArgs.thuman_root``)."""
+    from avatar.body import AnnyBody, load_body_model
+    from avatar.predict.samples import cached_samples, generate_samples
+    from avatar.predict.scans import mix_samples, thuman_ids, thuman_scan_samples
+
+    body = load_body_model(args.thuman_body, None if args.body_model_dir is None else str(args.body_model_dir))
+    ids = thuman_ids(args.thuman_root)
+    if body.name == "anny":
+        anny = AnnyBody()
+        if cache_dir is not None:
+            train = cached_samples(anny, codec, cfg.train, cache_dir, codec_sha)
+            val = cached_samples(anny, codec, cfg.val, cache_dir, codec_sha)
+        else:
+            train, val = generate_samples(anny, codec, cfg.train), generate_samples(anny, codec, cfg.val)
+        return mix_samples(train, thuman_scan_samples(args.thuman_root, body, codec, cfg.train, ids,
+                                                      seed=cfg.train.seed)), val
+    if len(ids) < 2:
+        raise ValueError(f"{args.thuman_root}: training on {body.name} scans alone needs at least 2 scans "
+                         f"(the last is held out), found {len(ids)}")
+    train = thuman_scan_samples(args.thuman_root, body, codec, cfg.train, ids[:-1], seed=cfg.train.seed)
+    val = thuman_scan_samples(args.thuman_root, body, codec, cfg.val, ids[-1:], seed=cfg.val.seed)
+    return train, val
 
 
 def run(args: TrainPredictorArgs) -> dict:
@@ -67,11 +104,15 @@ def run(args: TrainPredictorArgs) -> dict:
         from avatar.body.anny_body import cache_root
 
         cache_dir = cache_root() / "predictor-samples"
+    samples = None
+    if args.thuman_root is not None:
+        samples = scan_training_sets(args, cfg, codec, cache_dir, codec_sha)
     model, report = train_predictor(cfg, AnnyBody(), codec, log=lambda msg: print(msg, flush=True),
-                                    cache_dir=cache_dir, codec_key=codec_sha)
+                                    samples=samples, cache_dir=cache_dir, codec_key=codec_sha)
     total = time.perf_counter() - start
     meta = {
-        "body": "anny", "seed": cfg.seed, "train_seed": cfg.train.seed, "val_seed": cfg.val.seed,
+        "body": "anny" if args.thuman_root is None else args.thuman_body, "seed": cfg.seed,
+        "scans": None if args.thuman_root is None else {"root": str(args.thuman_root), "body": args.thuman_body}, "train_seed": cfg.train.seed, "val_seed": cfg.val.seed,
         "config": dataclasses.asdict(cfg), "threads": args.threads, "torch": torch.__version__,
         "total_seconds": round(total, 1), "report": report,
         "codec": {"file": Path(codec_path).name, "sha256": codec_sha},

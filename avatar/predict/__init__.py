@@ -11,6 +11,7 @@ from avatar.predict.skin_codes import (
 from avatar.predict.views import DepthLayers, backproject, render_depth_layers
 from avatar.predict.network import DepthSkinConfig, DepthSkinNet
 from avatar.predict.infer import ViewPrediction, load_predictor, predict_views
+from avatar.predict.scans import ScanSubject, load_thuman2, scan_samples, thuman_scan_samples
 
 __all__ = [
     "SkinCodec",
@@ -26,4 +27,8 @@ __all__ = [
     "ViewPrediction",
     "load_predictor",
     "predict_views",
+    "ScanSubject",
+    "load_thuman2",
+    "scan_samples",
+    "thuman_scan_samples",
 ]
