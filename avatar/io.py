@@ -65,3 +65,14 @@ def atomic_dir(path: str | Path, overwrite: bool = True, prefix: str | None = No
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def json_default(x):
+    """``json.dumps(..., default=json_default)``: dataclasses as dicts, paths as strings; anything else a TypeError."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON-able: {type(x).__name__}")

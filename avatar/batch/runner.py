@@ -144,29 +144,27 @@ def run_batch(cfg: BatchConfig, on_result: ResultHook | None = _progress,
         done += 1
         if on_result is not None:
             on_result(o, done, total)
+    def consume(stream) -> None:
+        nonlocal done
+        # closing(): an exception in on_result must stop the workers now, not when the generator is collected
+        with contextlib.closing(stream):
+            for rec in stream:
+                done += 1
+                o = SubjectOutcome(rec["subject"], rec, skipped=False)
+                outcomes[o.subject] = o
+                if on_result is not None:
+                    on_result(o, done, total)
+
     if todo:
         if cfg.backend == "local":
-            # closing(): an exception in on_result must stop the workers now, not when the generator is collected
-            with contextlib.closing(backends.run_local(todo, workers)) as stream:
-                for rec in stream:
-                    done += 1
-                    o = SubjectOutcome(rec["subject"], rec, skipped=False)
-                    outcomes[o.subject] = o
-                    if on_result is not None:
-                        on_result(o, done, total)
+            consume(backends.run_local(todo, workers))
         else:
             with backends.ray_session(cfg.address, workers * threads) as ray:
                 gpus = 1.0 if backends.ray_has_gpus(ray) and cfg.device in (None, "cuda") else 0.0
                 if gpus:
                     todo = [dataclasses.replace(j, device="cuda") for j in todo]
                     notes.append("Ray jobs ran with one GPU each.")
-                with contextlib.closing(backends.run_ray(todo, ray, gpus)) as stream:
-                    for rec in stream:
-                        done += 1
-                        o = SubjectOutcome(rec["subject"], rec, skipped=False)
-                        outcomes[o.subject] = o
-                        if on_result is not None:
-                            on_result(o, done, total)
+                consume(backends.run_ray(todo, ray, gpus))
     ordered = tuple(outcomes[j.subject_id] for j in jobs)
     recs = [o.record for o in ordered]
     lpips_info = sorted({r.get("lpips_info") for r in recs if r.get("status") == "ok" and not r.get("lpips_available")}

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from avatar.io import json_default
+
 FORMAT = "avatar-skin-codec"
 FORMAT_VERSION = 1
 ENCODER_WIDTHS = (128, 256, 128, 64)
@@ -341,18 +343,10 @@ def save_skin_codec(path: str | Path, codec: SkinCodec, meta: dict) -> Path:
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in codec.state_dict().items()}
     full = {"format": FORMAT, "version": FORMAT_VERSION, "num_bones": codec.num_bones, "code_dim": CODE_DIM,
             "encoder_widths": list(ENCODER_WIDTHS), "decoder_widths": list(DECODER_WIDTHS), **meta}
-    text = json.dumps(full, indent=2, default=_json_default)
+    text = json.dumps(full, indent=2, default=json_default)
     atomic_write_bytes(path, save(state, metadata={"format": FORMAT, "body": meta["body"]}))
     atomic_write_text(path.with_suffix(".json"), text)
     return path
-
-
-def _json_default(x):
-    if dataclasses.is_dataclass(x):
-        return dataclasses.asdict(x)
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON-able: {type(x).__name__}")
 
 
 def load_skin_codec(path: str | Path | None = None, body_name: str = "anny") -> SkinCodec:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from avatar.io import json_default
 from avatar.predict.network import DepthSkinConfig, DepthSkinNet, DepthSkinOutput, extend_nearest, make_inputs
 from avatar.predict.samples import SampleConfig, SampleSet, cached_samples, generate_samples
 
@@ -378,14 +379,6 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _json_default(x):
-    if dataclasses.is_dataclass(x):
-        return dataclasses.asdict(x)
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON-able: {type(x).__name__}")
-
-
 def save_predictor(path: str | Path, model: DepthSkinNet, meta: dict) -> Path:
     """Write ``path`` (``.safetensors``: the state dict in float16) and its ``.json`` sidecar atomically. The JSON
     holds the format, the network config (``net``) and everything in ``meta`` (seed, training config and time,
@@ -403,7 +396,7 @@ def save_predictor(path: str | Path, model: DepthSkinNet, meta: dict) -> Path:
         raise ValueError(f"save_predictor: {path} must end in .safetensors")
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     full = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": "float16", "net": dataclasses.asdict(model.cfg), **meta}
-    text = json.dumps(full, indent=2, default=_json_default)
+    text = json.dumps(full, indent=2, default=json_default)
     atomic_write_bytes(path, save(state, metadata={"format": FORMAT}))
     atomic_write_text(path.with_suffix(".json"), text)
     return path
