@@ -1,14 +1,16 @@
 """Mesh-refinement targets on a synthetic subject: Chamfer distance of the refined canonical mesh, novel-view PSNR of
 the posed refined mesh, and joint-angle correction of poses perturbed by 10 degrees per joint.
 
-    python -m tools.benchmarks.bench_mesh_refine [--quick] [--json]
+    python -m tools.benchmarks.bench_mesh_refine [--quick] [--json] [--start oracle|predicted] [--pose-noise-deg 10]
 
 Setup: subject seed 3 ("free" motion, shirt and trousers, flat albedo: ``shading=False``), training cameras 0, 6, 12,
 17 of the 23-camera ring (about 90 degrees apart), frames 5 and 17; held-out camera 3 for the novel view. The input
 poses are the true ones with every bone's rotation composed with a 10-degree rotation about a random axis (seeded).
 The starting mesh is the fused mesh of ``avatar.fusion`` from oracle input (ground-truth depth layers and skinning
 codes of frame 17 in the 4 training cameras); the refinement sees the images, masks and the oracle depth maps of every
-training view (the same oracle input the fusion had) and the perturbed poses.
+training view (the same oracle input the fusion had) and the perturbed poses. With ``--start predicted`` it is the fused
+mesh of the shipped predictor's layers (what ``fit_avatar --images`` makes), and the refinement sees the predicted
+front depth of frame 17 instead of oracle depth.
 
 Rows:
 - ``chamfer_*`` (mm, vs the ground-truth canonical clothed mesh; ``ratio = fused / value``, target >= 1.43, i.e. at
@@ -49,8 +51,28 @@ def _psnr(a, b):
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def _predicted_fusion(sub, body, frame, cams, codec, fcfg, template):
+    """The prediction-and-fusion pipeline on the subject's rendered images (what ``fit_avatar --images`` runs): the
+    shipped predictor's layers fused in canonical space. Returns the fused mesh and the per-view predictions."""
+    from avatar.data.synthetic import posed_vertices, render_views
+    from avatar.fusion import fuse_views
+    from avatar.predict.infer import load_predictor, predict_views
+    from avatar.predict.views import render_depth_layers
+    from avatar.types import BodyPose
+
+    with torch.no_grad():
+        images, masks = render_views(posed_vertices(sub, body, frame), sub.faces, sub.render_mesh, sub.uvs,
+                                     sub.texture, cams, True, sub.config.background)
+        naked = body(BodyPose(sub.motion.rotations[frame], sub.motion.translation[frame]), sub.shape).vertices[0]
+        codes = codec.encode(body.dense_skin_weights().float())
+        priors = [render_depth_layers(naked, body.faces, cams.viewmats[c], cams.Ks[c], cams.width, cams.height,
+                                      vertex_attrs=codes) for c in range(cams.viewmats.shape[0])]
+        preds = predict_views(load_predictor(), images, masks > 0.5, priors)
+        return fuse_views(preds, cams, sub.bone_transforms[frame], codec, fcfg, template), preds
+
+
 def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] | None = None,
-        pose_lr: float = 1e-2) -> tuple[list[dict], list[str]]:
+        pose_lr: float = 1e-2, start: str = "oracle") -> tuple[list[dict], list[str]]:
     from avatar.body import AnnyBody
     from avatar.data.synthetic import SyntheticConfig, make_subject, posed_vertices, render_frame
     from avatar.fit.mesh_refine import MeshRefineConfig, MeshStage, RefineView, refine_mesh
@@ -76,15 +98,23 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] |
     gt_v, gt_f = sub.canonical_vertices, sub.faces
     weights = body.dense_skin_weights()
 
-    # starting mesh: oracle fusion of frame 17 in the training cameras
+    # starting mesh: fusion of frame 17 in the training cameras, from oracle layers or from the shipped predictor
     codec = load_skin_codec()
     template = body_template(body, sub.shape)
+    fcfg = FusionConfig(voxel_size=0.012 if quick else 0.01)
+    predicted = None
     with torch.no_grad():
-        posed17 = posed_vertices(sub, body, 17)
-        fused = fuse_views(oracle_views(posed17, gt_f, weights, train_cams, codec), train_cams,
-                           sub.bone_transforms[17], codec, FusionConfig(voxel_size=0.012 if quick else 0.01), template)
-    notes.append(f"starting mesh: oracle fusion (avatar.fusion), {fused.vertices.shape[0]} vertices, "
-                 f"{fused.faces.shape[0]} faces")
+        if start == "predicted":
+            fused, preds = _predicted_fusion(sub, body, 17, train_cams, codec, fcfg, template)
+            predicted = {17: preds}
+        else:
+            posed17 = posed_vertices(sub, body, 17)
+            fused = fuse_views(oracle_views(posed17, gt_f, weights, train_cams, codec), train_cams,
+                               sub.bone_transforms[17], codec, fcfg, template)
+    notes.append(f"starting mesh: {start} fusion (avatar.fusion), {fused.vertices.shape[0]} vertices, "
+                 f"{fused.faces.shape[0]} faces; the refinement sees "
+                 + ("the predicted front depth of frame 17 (frame 5: images and masks only)" if start == "predicted"
+                    else "the oracle depth maps"))
 
     # views with perturbed poses (10 degrees per joint, random axes) and oracle depth
     g = torch.Generator().manual_seed(0)
@@ -97,10 +127,13 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] |
         noisy = matrix_to_axis_angle(axis_angle_to_matrix(axis * math.radians(pose_noise_deg)) @ axis_angle_to_matrix(rot))
         true_rot.append(rot)
         noisy_rot.append(noisy)
-        depth = render_mesh(fr.vertices, gt_f, None, train_cams.viewmats, train_cams.Ks, res, res).depth
+        depth = None if predicted is not None else render_mesh(fr.vertices, gt_f, None, train_cams.viewmats,
+                                                               train_cams.Ks, res, res).depth
         for c in range(C):
             views.append(RefineView(fr.images[c], fr.masks[c], Cameras(train_cams.viewmats[c], train_cams.Ks[c], res, res),
-                                    BodyPose(noisy, sub.motion.translation[f]), f, depth=depth[c]))
+                                    BodyPose(noisy, sub.motion.translation[f]), f,
+                                    depth=depth[c] if depth is not None else
+                                    predicted[f][c].depth_front if f in predicted else None))
         heldout.append(fr.images[C:])
     true_rot, noisy_rot = torch.stack(true_rot), torch.stack(noisy_rot)
     if steps is None:
@@ -139,7 +172,7 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] |
     o_after = _angles(T_out[:, major, :3, :3], T_true[:, major, :3, :3])
 
     rows = [row("chamfer_template", q_t.chamfer_mm, "mm", q_f.chamfer_mm),
-            row("chamfer_fused_oracle", q_f.chamfer_mm, "mm", q_f.chamfer_mm),
+            row(f"chamfer_fused_{start}", q_f.chamfer_mm, "mm", q_f.chamfer_mm),
             row("chamfer_refined", q_r.chamfer_mm, "mm", q_f.chamfer_mm)]
     s0, s1 = sum(ps_start) / len(ps_start), sum(ps_ref) / len(ps_ref)
     for name, v in (("psnr_heldout_start", s0), ("psnr_heldout_refined", s1)):
@@ -166,13 +199,15 @@ def main() -> None:
                    help="rotation added to every joint of the input poses (0: exact poses, shape only)")
     p.add_argument("--steps", default=None, help="steps of the three stages (pose+colour, all, fine); default 120,60,20 (--quick: 8,16,6)")
     p.add_argument("--pose-lr", type=float, default=1e-2, help="learning rate of the joint angles in the first stage")
+    p.add_argument("--start", choices=("oracle", "predicted"), default="oracle",
+                   help="starting mesh: fusion of ground-truth layers, or of the shipped predictor's (fit_avatar --images)")
     args = p.parse_args()
     steps = None if args.steps is None else tuple(int(x) for x in args.steps.split(","))
     if steps is not None and len(steps) != 3:
         p.error(f"--steps must give 3 stage lengths, got {args.steps!r}")
-    rows, notes = run(args.quick, args.pose_noise_deg, steps, args.pose_lr)
+    rows, notes = run(args.quick, args.pose_noise_deg, steps, args.pose_lr, args.start)
     emit(rows, args.json, "Mesh refinement: Chamfer vs the fused mesh, held-out PSNR, joint-angle correction",
-         "fused mesh (oracle input) for chamfer, start for PSNR and angles; chamfer/angle ratio = baseline / value")
+         f"fused mesh ({args.start} input) for chamfer, start for PSNR and angles; chamfer/angle ratio = baseline / value")
     for n in notes:
         print(f"note: {n}", file=sys.stderr if args.json else sys.stdout)
 
