@@ -76,3 +76,25 @@ def json_default(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON-able: {type(x).__name__}")
+
+
+def load_module_weights(module, path: str | Path, caller: str, what: str):
+    """Load the safetensors file ``path`` into ``module`` (float32, eval mode) after checking that its tensor names
+    and shapes are exactly the module's; errors name ``caller``, the file and ``what`` the module is."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{caller}: {path} is not a readable safetensors file: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise ValueError(f"{caller}: {path} tensors do not match {what} (missing {missing}, wrong shape {wrong}, "
+                         f"unexpected {sorted(set(got) - set(expected))})")
+    module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    return module.eval()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
+from avatar.io import load_module_weights
 from avatar.predict.network import DepthSkinConfig, DepthSkinNet, extend_nearest, make_inputs
 
 __all__ = ["ViewPrediction", "FILL", "shipped_predictor_path", "load_predictor", "predict_views"]
@@ -57,8 +58,6 @@ def load_predictor(path: str | Path | None = None) -> DepthSkinNet:
     """Load a network written by ``save_predictor``; ``None`` loads the shipped anny model. Returns a float32 CPU
     module in eval mode holding exactly the stored float16 values; ``model.meta`` is the JSON sidecar. Missing
     files, a wrong format or mismatched tensors raise errors naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from avatar.predict.train import FORMAT, FORMAT_VERSION
 
@@ -90,20 +89,7 @@ def load_predictor(path: str | Path | None = None) -> DepthSkinNet:
         cfg.validate()
     except (TypeError, ValueError) as err:
         raise ValueError(f"load_predictor: {meta_path} field 'net' is not a valid DepthSkinConfig: {err}") from None
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"load_predictor: {path} is not a readable safetensors file: {err}") from None
-    model = DepthSkinNet(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        missing = sorted(set(expected) - set(got))
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-        raise ValueError(f"load_predictor: {path} tensors do not match the network of {meta_path} (missing {missing}, "
-                         f"wrong shape {wrong}, unexpected {sorted(set(got) - set(expected))})")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    model.eval()
+    model = load_module_weights(DepthSkinNet(cfg), path, "load_predictor", f"the network of {meta_path}")
     model.meta = meta
     return model
 

@@ -23,7 +23,6 @@ layer widths, seed, training config, measured report). Loading gives exactly the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from avatar.io import json_default
+from avatar.io import json_default, load_module_weights
 
 FORMAT = "avatar-skin-codec"
 FORMAT_VERSION = 1
@@ -353,8 +352,6 @@ def load_skin_codec(path: str | Path | None = None, body_name: str = "anny") -> 
     """Load a codec written by :func:`save_skin_codec`; ``path=None`` loads the shipped
     ``data/predictor/skin_codec_<body_name>.safetensors``. Returns a float32 CPU module in eval mode holding exactly
     the stored values. Clear errors for a missing file, a wrong format or body, or mismatched tensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     shipped = path is None
     path = shipped_codec_path(body_name) if shipped else Path(path)
@@ -380,19 +377,6 @@ def load_skin_codec(path: str | Path | None = None, body_name: str = "anny") -> 
     num_bones = meta.get("num_bones")
     if not isinstance(num_bones, int) or num_bones < 2:
         raise ValueError(f"load_skin_codec: {meta_path} field num_bones must be an int >= 2, got {num_bones!r}")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"load_skin_codec: {path} is not a readable safetensors file: {err}") from None
-    codec = SkinCodec(num_bones)
-    expected = {k: tuple(v.shape) for k, v in codec.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        missing = sorted(set(expected) - set(got))
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-        raise ValueError(f"load_skin_codec: {path} tensors do not match a {num_bones}-bone codec "
-                         f"(missing {missing}, wrong shape {wrong}, unexpected {sorted(set(got) - set(expected))})")
-    codec.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    codec.eval()
+    codec = load_module_weights(SkinCodec(num_bones), path, "load_skin_codec", f"a {num_bones}-bone codec")
     codec.meta = meta  # the JSON sidecar (seed, config, report), for reports
     return codec
