@@ -3,11 +3,19 @@
     fit_avatar --demo                                   # make the bundled synthetic subject and fit it
     fit_avatar --data DIR --format zju --protocol zju_monocular --smpl-dir MODELS [--preset fast] [--resume]
     fit_avatar --images a.png b.png [--masks a_mask.png b_mask.png] --cameras cams.json --out DIR
+    fit_avatar --video in.mp4 [--fov 55 | --focal PX] [--video-start S --video-end S] --out DIR
 
 
 Writes to ``--out``: ``fit/checkpoints/``, ``eval/`` (metrics.json, report.md, grid.png), ``avatar/`` (the bundle:
 safetensors + JSON), ``canonical.ply`` and ``posed.ply`` (3DGS layout), ``motion.mp4`` and ``summary.json`` (the
 resolved config, times and metrics).
+
+``--video`` (one person filmed by a fixed camera; needs the ``video`` extra, MediaPipe): decodes and subsamples the
+video, detects the person's mask and landmarks per frame, fits the body (one shape, a pose per frame), writes the
+frames with a person as a subject folder under ``--out``/subject/<video name> (InstantAvatar layout +
+``perception.json``) and runs the fitting job on it with pose refinement on (first 85 % of the frames train, the rest
+are held-out poses). ``summary.json`` then also holds the perception report and the mask IoU between the avatar's
+renders and the detected masks.
 
 ``--images`` (sparse views of one person, CanonicalFusion style): predicts front/back depth and skinning codes per
 view (``avatar.predict``), canonicalizes and fuses them (``avatar.fusion``) and writes ``canonical_mesh.ply``,
@@ -73,6 +81,20 @@ class FitAvatarArgs:
     """Skinning-code autoencoder (default: the shipped data/predictor/skin_codec_<body>.safetensors)."""
     voxel_size: float = 0.01
     """Sparse-view mode: fusion grid spacing in metres."""
+    video: Path | None = None
+    """Video mode: a video of one person filmed by a fixed camera (mp4, mov, mkv, ... anything ffmpeg reads)."""
+    video_max_frames: int = 100
+    """Video mode: frame budget (evenly spaced frames of the time range)."""
+    video_max_side: int = 540
+    """Video mode: frames are downscaled so their longer side is at most this many pixels."""
+    video_start: float = 0.0
+    """Video mode: start of the time range used, seconds."""
+    video_end: float | None = None
+    """Video mode: end of the time range used, seconds (default: the end)."""
+    focal: float | None = None
+    """Video mode: focal length of the video in pixels (at its original size), if known."""
+    fov: float | None = None
+    """Video mode: horizontal field of view in degrees, if known (default 55)."""
 
 
 DEMO_TRAIN_CAMERA = 4  # the rig camera of the ZJU monocular protocol
@@ -97,8 +119,9 @@ def make_demo_subject(args: FitAvatarArgs, body) -> Path:
                      progress=args.progress)
 
 
-def _splits(args: FitAvatarArgs, root: Path, body, smpl_dir):
-    """(train, {"novel_view": ..., "novel_pose": ...}, protocol background) for the demo or a dataset."""
+def _splits(args: FitAvatarArgs, root: Path, body, smpl_dir, proto=None):
+    """(train, {"novel_view": ..., "novel_pose": ...}, protocol background) for the demo, a dataset or a video
+    subject (``proto`` given)."""
     from avatar.data import AvatarDataset, get_protocol
 
     if args.demo:
@@ -113,7 +136,7 @@ def _splits(args: FitAvatarArgs, root: Path, body, smpl_dir):
         novel_pose = AvatarDataset(root, None, body_model=body, resolution=None, frames=np_frames,
                                    cameras=[0, *test_cams[:2]])
         return train, {"novel_view": novel_view, "novel_pose": novel_pose}, "black"
-    protocol = args.protocol
+    protocol = args.protocol if proto is None else proto
     if protocol is None:
         from avatar.data import detect_layout
 
@@ -121,7 +144,7 @@ def _splits(args: FitAvatarArgs, root: Path, body, smpl_dir):
             protocol = "zju_monocular"
         else:
             protocol = f"peoplesnapshot/{root.name}"
-    proto = get_protocol(protocol)
+    proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
     kw = dict(body_model=body, smpl_model_path=smpl_dir)
     train = AvatarDataset(root, proto, "train", **kw)
     tests = {s: AvatarDataset(root, proto, s, **kw) for s in ("novel_view", "novel_pose") if s in proto.split_names}
@@ -147,6 +170,13 @@ def run(args: FitAvatarArgs) -> dict:
     from configs.presets import preset
 
     t0 = time.perf_counter()
+    video_report = None
+    proto = None
+    if args.video is not None:
+        if args.demo or args.data is not None or args.images:
+            raise ValueError("fit_avatar: give either --video in.mp4 or --demo / --data / --images, not several")
+        root, proto, video_report = prepare_video(args)
+        args = dataclasses.replace(args, data=root)
     if args.images or args.masks or args.cameras is not None:
         if args.demo or args.data is not None:
             raise ValueError("fit_avatar: give either --demo or --data DIR or --images ... --cameras cams.json, not several")
@@ -168,8 +198,10 @@ def run(args: FitAvatarArgs) -> dict:
             if args.format == "synthetic" and info.name == "smpl":
                 raise ValueError(f"{root}: --format synthetic but the folder has no body_model.json (SMPL data)")
         body = AnnyBody() if info.name == "anny" else load_body_model(info.name, model_path=args.smpl_dir)
-    train, tests, background = _splits(args, root, body, args.smpl_dir)
+    train, tests, background = _splits(args, root, body, args.smpl_dir, proto)
     overrides = {"seed": args.seed}
+    if video_report is not None:
+        overrides["pose_refine"] = True  # the poses come from a monocular body fit
     if args.steps is not None:
         overrides["steps"] = args.steps
     cfg = preset(args.preset, **overrides)
@@ -242,6 +274,8 @@ def run(args: FitAvatarArgs) -> dict:
             (render_gaussian_set(avatar.posed(transforms_of(f, refined=False)), cam, background=bg,
                                  backend=cfg.backend).colors[0].clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
             for f in motion_frames), fps=10)
+    if video_report is not None:
+        video_report["mask_iou"] = _mask_iou(train, lambda f: render_fn(f)[1])
     splits = {name: {"frames": s.num_frames, "psnr": round(s.psnr, 3), "ssim": round(s.ssim, 4),
                      "lpips": s.lpips, "geometry": s.geometry} for name, s in report.splits.items()}
     steps = result.history
@@ -255,11 +289,57 @@ def run(args: FitAvatarArgs) -> dict:
         "metrics": splits, "lpips": report.lpips_reason, "video_frames": video.num_frames,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
+    if video_report is not None:
+        summary["video"] = video_report
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2, default=str))
     print(f"[fit_avatar] {avatar.num_gaussians} Gaussians fitted in {result.seconds:.0f} s; "
           + "; ".join(f"{k}: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.3f}" for k, v in splits.items())
           + f"; outputs in {args.out}", flush=True)
     return summary
+
+
+def prepare_video(args: FitAvatarArgs):
+    """Video mode, perception half: the subject folder (made now, or reused with ``--resume``), its protocol and the
+    perception report."""
+    from avatar.body import AnnyBody
+    from avatar.perception.pipeline import VideoConfig, video_protocol, video_to_subject
+
+    video = Path(args.video)
+    cfg = VideoConfig(max_frames=args.video_max_frames, max_side=args.video_max_side, start=args.video_start,
+                      end=args.video_end, focal=args.focal, fov=args.fov)
+    cfg.validate()
+    parent = args.out / "subject"
+    name = video.stem or "video"
+    folder = parent / name
+    if args.resume and (folder / "perception.json").exists():
+        print(f"[fit_avatar] reusing the video subject {folder}", flush=True)
+        report = json.loads((folder / "perception.json").read_text())
+    else:
+        if not video.exists():
+            raise FileNotFoundError(f"{video}: no such video file")
+        print(f"[fit_avatar] perception on {video} -> {folder}", flush=True)
+        made = video_to_subject(video, parent, name, cfg, AnnyBody(), overwrite=True, progress=args.progress)
+        report = made.report
+    s = report["seconds"]
+    print(f"[fit_avatar] video subject: {report['frames_kept']} frames with a person, {report['frames_skipped']} "
+          f"skipped; reprojection error {report['reprojection_error_px']['mean']:.1f} px; stages "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in s.items()), flush=True)
+    return folder, video_protocol(int(report["frames_kept"])), report
+
+
+def _mask_iou(frames, render_alpha, max_frames: int = 12) -> dict:
+    """IoU between the avatar's rendered alpha (> 0.5) and the frames' masks (> 0.5) on up to ``max_frames``
+    evenly spaced frames: mean and minimum."""
+    n = len(frames)
+    picks = sorted({round(i * (n - 1) / max(min(max_frames, n) - 1, 1)) for i in range(min(max_frames, n))})
+    ious = []
+    with torch.no_grad():
+        for i in picks:
+            f = frames[i]
+            a = render_alpha(f) > 0.5
+            m = f.mask.to(a.device) > 0.5
+            ious.append(float((a & m).sum()) / max(float((a | m).sum()), 1.0))
+    return {"mean": round(sum(ious) / len(ious), 4), "min": round(min(ious), 4), "frames": len(ious)}
 
 
 def run_images(args: FitAvatarArgs) -> dict:
@@ -332,7 +412,7 @@ def main() -> None:
     args = tyro.cli(FitAvatarArgs)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"fit_avatar: error: {err}", file=sys.stderr)
         sys.exit(2)
 
