@@ -12,6 +12,21 @@ from avatar.compress.avatar_codec import (
     select_gaussians,
     write_compact_avatar,
 )
+from avatar.compress.distill import (
+    SparseWeightField,
+    WeightSupport,
+    densify_weights,
+    distill_codec_decoder,
+    distill_weight_field,
+)
+from avatar.compress.predictor import (
+    CastPredictor,
+    distill_predictor,
+    load_compact_predictor,
+    prune_depthskin_channels,
+    quantize_predictor_weights,
+    save_compact_predictor,
+)
 from avatar.compress.prune import (
     GradualPruneConfig,
     GradualPruner,
@@ -48,4 +63,7 @@ __all__ = [
     "CastModule", "Int8WeightLinear", "bf16_support", "dequantize_per_channel", "qat_finetune",
     "quantize_dynamic_int8", "quantize_per_channel_int8", "quantize_weight_only", "to_bfloat16",
     "load_compact", "save_compact",
+    "SparseWeightField", "WeightSupport", "densify_weights", "distill_codec_decoder", "distill_weight_field",
+    "CastPredictor", "distill_predictor", "load_compact_predictor", "prune_depthskin_channels",
+    "quantize_predictor_weights", "save_compact_predictor",
 ]

@@ -8,13 +8,17 @@ per node), normalized over the k neighbours. The deformation acts in canonical s
 rigid skinning by ``avatar.skinning.lbs``). An as-rigid-as-possible (ARAP) term over the nodes' neighbour graph keeps
 the node transforms locally rigid.
 
-Blending (linear, SC-GS eq. 3), written as an identity plus a residual so that zero network output is *exactly* the
-identity (no rounding of ``sum w = 1``)::
+Blending (``ControlPointConfig.blend``): "lbs" (linear, SC-GS eq. 3), written as an identity plus a residual so that
+zero network output is *exactly* the identity (no rounding of ``sum w = 1``)::
 
     x' = x + sum_k w_k [(R_k - I)(x - p_k) + t_k]
 
+"dqs": dual-quaternion blending of the nodes' rigid maps (``avatar.skinning.lbs.dqs_points``; keeps volume under
+twists), and "mix": DreamMesh4D's ``a LBS + (1 - a) DQS`` with a learnable LBS share ``a`` per node.
+
 Per-frame cost: the kNN indices and distances are computed once per point set (``bind``), the network runs on K nodes
-(never on the N points), and the per-point work is one gather of ``[N, k, 12]`` and a weighted sum.
+(never on the N points); at inference the normalized weights are frozen once (``freeze``) and the per-point work is
+one fused numba pass (``blend_deform_frozen``; the pure torch functions are its reference).
 
 The baseline ``PerGaussianDeformer`` evaluates an MLP at every Gaussian (position-encoded canonical position + a pose
 code -> offset), i.e. the per-frame cost grows with N; it exists to compare quality and speed.
@@ -26,18 +30,24 @@ on column vectors, quaternions wxyz, see ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatar.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, quat_multiply
+from avatar.skinning.lbs import dqs_points
 from avatar.skinning.weights import sinusoidal_encoding
 
 # ----------------------------------------------------------------------------------------------------------------
 # configs
+
+BLEND_MODES = ("lbs", "dqs", "mix")
+BACKENDS = ("auto", "numba", "torch")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,12 @@ class ControlPointConfig:
     """Sinusoidal encoding octaves of the node positions."""
     radius_scale: float = 1.0
     """Initial radius of a node = radius_scale x the mean distance to its graph_k nearest nodes."""
+    blend: str = "lbs"
+    """How a point blends its k nodes' rigid transforms: "lbs" (linear, SC-GS), "dqs" (dual quaternions, no
+    volume loss under twists) or "mix" (DreamMesh4D: ``a LBS + (1 - a) DQS`` with a learnable factor per node,
+    blended over the k nodes like the transforms)."""
+    mix_init: float = 0.5
+    """Initial LBS share ``a`` of every node for blend="mix" (in (0, 1))."""
 
     def validate(self) -> None:
         for name in ("num_nodes", "k", "graph_k", "hidden", "layers", "pose_latent"):
@@ -73,6 +89,10 @@ class ControlPointConfig:
                              f"{self.num_nodes}")
         if not self.radius_scale > 0:
             raise ValueError(f"ControlPointConfig.radius_scale must be > 0, got {self.radius_scale}")
+        if self.blend not in BLEND_MODES:
+            raise ValueError(f"ControlPointConfig.blend must be one of {BLEND_MODES}, got {self.blend!r}")
+        if not 0.0 < self.mix_init < 1.0:
+            raise ValueError(f"ControlPointConfig.mix_init must be in (0, 1), got {self.mix_init}")
 
 
 @dataclass(frozen=True)
@@ -216,6 +236,52 @@ def blend_deform_points_csr(points: Tensor, affines: Tensor, matrix: Tensor) -> 
     return _apply_residual(points, matrix @ affines)
 
 
+def node_rigid_transforms(nodes: Tensor, rotations: Tensor, translations: Tensor) -> Tensor:
+    """The nodes' rigid maps ``x -> R_k (x - p_k) + p_k + t_k`` as ``[K, 4, 4]`` (for dual-quaternion blending)."""
+    if nodes.ndim != 2 or nodes.shape[1] != 3 or rotations.shape != (nodes.shape[0], 3, 3) \
+            or translations.shape != nodes.shape:
+        raise ValueError(f"node_rigid_transforms: need nodes [K, 3], rotations [K, 3, 3], translations [K, 3], got "
+                         f"{tuple(nodes.shape)}, {tuple(rotations.shape)}, {tuple(translations.shape)}")
+    T = torch.zeros(nodes.shape[0], 4, 4, dtype=rotations.dtype, device=rotations.device)
+    T[:, :3, :3] = rotations
+    T[:, :3, 3] = nodes + translations - (rotations @ nodes.unsqueeze(-1)).squeeze(-1)
+    T[:, 3, 3] = 1
+    return T
+
+
+def blend_deform_points_dqs(points: Tensor, nodes: Tensor, rotations: Tensor, translations: Tensor, indices: Tensor,
+                            weights: Tensor) -> Tensor:
+    """Deform ``points [N, 3]`` by dual-quaternion blending (``avatar.skinning.lbs.dqs_points``) of the k nodes'
+    rigid maps (:func:`node_rigid_transforms`) with ``weights [N, k]`` over ``indices [N, k]``: a rigid map per point,
+    so a twist between neighbouring nodes keeps the local volume where linear blending shrinks it."""
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"blend_deform_points_dqs: points must be [N, 3], got {tuple(points.shape)}")
+    if indices.shape != weights.shape or indices.shape[0] != points.shape[0]:
+        raise ValueError(f"blend_deform_points_dqs: indices {tuple(indices.shape)} and weights {tuple(weights.shape)} "
+                         f"must be [N, k] with N={points.shape[0]}")
+    return dqs_points(points, weights, node_rigid_transforms(nodes, rotations, translations), indices)
+
+
+def blend_deform_points_mixed(points: Tensor, nodes: Tensor, rotations: Tensor, translations: Tensor, indices: Tensor,
+                              weights: Tensor, mix: Tensor) -> Tensor:
+    """DreamMesh4D's LBS/DQS blend: ``a LBS(x) + (1 - a) DQS(x)`` with ``a = sum_k w_k mix[n_k]`` (``mix [K]``, the
+    LBS share per node, in [0, 1]); written ``DQS + a (LBS - DQS)`` so that equal results stay exactly equal."""
+    if mix.shape != (nodes.shape[0],):
+        raise ValueError(f"blend_deform_points_mixed: mix must be [{nodes.shape[0]}], got {tuple(mix.shape)}")
+    lin = blend_deform_points(points, node_affines(nodes, rotations, translations), indices, weights)
+    dq = blend_deform_points_dqs(points, nodes, rotations, translations, indices, weights)
+    a = (weights * mix[indices]).sum(-1, keepdim=True)
+    return dq + a * (lin - dq)
+
+
+def node_dual_quats(nodes: Tensor, rotations: Tensor, translations: Tensor) -> Tensor:
+    """Unit dual quaternions ``[K, 8]`` (real wxyz, dual wxyz) of the nodes' rigid maps, as ``dqs_points`` forms them."""
+    T = node_rigid_transforms(nodes, rotations, translations)
+    q = matrix_to_quat(T[:, :3, :3])
+    tq = torch.cat([torch.zeros_like(T[:, :1, 3]), T[:, :3, 3]], -1)
+    return torch.cat([q, 0.5 * quat_multiply(tq, q)], -1)
+
+
 def blend_node_quats(rotations: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     """Per-point rotations ``[N, 4]`` (wxyz, unit): the weighted sum of the nodes' quaternions (signs aligned to
     w >= 0), normalized. Exact for points whose nodes share one rotation."""
@@ -250,6 +316,153 @@ def pose_features(rotations: Tensor, joints: tuple[int, ...] | None = None) -> T
     return R.flatten(-3)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# inference kernel (numba, compiled lazily on first use; cache=True keeps it on disk)
+
+_KERNEL = None
+
+
+def _numba_kernel():
+    """The fused per-point blend (``_deform_kernel``); ``None`` when numba is not importable."""
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL or None
+    try:
+        import numba
+    except ImportError:  # optional here: the torch path below computes the same
+        _KERNEL = False
+        return None
+    from numba import prange
+
+    @numba.njit(parallel=True, cache=True, fastmath=True)
+    def deform_kernel(points, idx, w, aff, dq, mix, mode, out):  # noqa: C901 - one fused loop per point
+        # points/out [N, 3]; idx, w [N, k]; aff [K, 12] (R - I | t - (R - I) p); dq [K, 8]; mix [K];
+        # mode 0 LBS, 1 DQS, 2 mix. Accumulates in float64.
+        n, k = idx.shape
+        for i in prange(n):
+            x = np.float64(points[i, 0])
+            y = np.float64(points[i, 1])
+            z = np.float64(points[i, 2])
+            lx = x
+            ly = y
+            lz = z
+            a = 0.0
+            if mode != 1:
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = 0.0
+                for j in range(k):
+                    r = idx[i, j]
+                    wj = np.float64(w[i, j])
+                    a0 += wj * aff[r, 0]
+                    a1 += wj * aff[r, 1]
+                    a2 += wj * aff[r, 2]
+                    a3 += wj * aff[r, 3]
+                    a4 += wj * aff[r, 4]
+                    a5 += wj * aff[r, 5]
+                    a6 += wj * aff[r, 6]
+                    a7 += wj * aff[r, 7]
+                    a8 += wj * aff[r, 8]
+                    a9 += wj * aff[r, 9]
+                    a10 += wj * aff[r, 10]
+                    a11 += wj * aff[r, 11]
+                    if mode == 2:
+                        a += wj * mix[r]
+                lx = x + (a0 * x + a1 * y + a2 * z + a9)
+                ly = y + (a3 * x + a4 * y + a5 * z + a10)
+                lz = z + (a6 * x + a7 * y + a8 * z + a11)
+            if mode == 0:
+                out[i, 0] = lx
+                out[i, 1] = ly
+                out[i, 2] = lz
+                continue
+            piv = 0
+            for j in range(1, k):
+                if w[i, j] > w[i, piv]:
+                    piv = j
+            p = idx[i, piv]
+            b0 = b1 = b2 = b3 = e0 = e1 = e2 = e3 = 0.0
+            for j in range(k):
+                r = idx[i, j]
+                d = dq[r, 0] * dq[p, 0] + dq[r, 1] * dq[p, 1] + dq[r, 2] * dq[p, 2] + dq[r, 3] * dq[p, 3]
+                wj = np.float64(w[i, j])
+                if d < 0:
+                    wj = -wj
+                b0 += wj * dq[r, 0]
+                b1 += wj * dq[r, 1]
+                b2 += wj * dq[r, 2]
+                b3 += wj * dq[r, 3]
+                e0 += wj * dq[r, 4]
+                e1 += wj * dq[r, 5]
+                e2 += wj * dq[r, 6]
+                e3 += wj * dq[r, 7]
+            nrm = np.sqrt(b0 * b0 + b1 * b1 + b2 * b2 + b3 * b3)
+            b0 /= nrm
+            b1 /= nrm
+            b2 /= nrm
+            b3 /= nrm
+            e0 /= nrm
+            e1 /= nrm
+            e2 /= nrm
+            e3 /= nrm
+            # translation 2 (e conj(b)).xyz = 2 (b0 e_v - e0 b_v + b_v x e_v)
+            tx = 2.0 * (b0 * e1 - e0 * b1 + b2 * e3 - b3 * e2)
+            ty = 2.0 * (b0 * e2 - e0 * b2 + b3 * e1 - b1 * e3)
+            tz = 2.0 * (b0 * e3 - e0 * b3 + b1 * e2 - b2 * e1)
+            dx = (1 - 2 * (b2 * b2 + b3 * b3)) * x + 2 * (b1 * b2 - b0 * b3) * y + 2 * (b1 * b3 + b0 * b2) * z + tx
+            dy = 2 * (b1 * b2 + b0 * b3) * x + (1 - 2 * (b1 * b1 + b3 * b3)) * y + 2 * (b2 * b3 - b0 * b1) * z + ty
+            dz = 2 * (b1 * b3 - b0 * b2) * x + 2 * (b2 * b3 + b0 * b1) * y + (1 - 2 * (b1 * b1 + b2 * b2)) * z + tz
+            if mode == 1:
+                out[i, 0] = dx
+                out[i, 1] = dy
+                out[i, 2] = dz
+            else:
+                out[i, 0] = dx + a * (lx - dx)
+                out[i, 1] = dy + a * (ly - dy)
+                out[i, 2] = dz + a * (lz - dz)
+
+    _KERNEL = deform_kernel
+    return deform_kernel
+
+
+def blend_deform_frozen(points: Tensor, frozen: "FrozenBinding", nodes: Tensor, rotations: Tensor,
+                        translations: Tensor, blend: str = "lbs", mix: Tensor | None = None,
+                        backend: str = "auto") -> Tensor:
+    """Inference blend of the node transforms into ``points [N, 3]`` with a :class:`FrozenBinding` (no gradients):
+    the same values as :func:`blend_deform_points` (``blend="lbs"``), :func:`blend_deform_points_dqs` ("dqs") and
+    :func:`blend_deform_points_mixed` ("mix", LBS share per node ``mix [K]``). ``backend``: "numba" (one fused
+    parallel loop over the points, float64 accumulation), "torch" (the reference functions; "lbs" as a sparse CSR
+    product) or "auto" (numba when importable)."""
+    if blend not in BLEND_MODES:
+        raise ValueError(f"blend_deform_frozen: blend must be one of {BLEND_MODES}, got {blend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"blend_deform_frozen: backend must be one of {BACKENDS}, got {backend!r}")
+    if points.ndim != 2 or points.shape[1] != 3 or frozen.indices.shape[0] != points.shape[0]:
+        raise ValueError(f"blend_deform_frozen: points must be [N, 3] with N = the binding's {frozen.indices.shape[0]}, "
+                         f"got {tuple(points.shape)}")
+    if blend == "mix" and (mix is None or mix.shape != (nodes.shape[0],)):
+        raise ValueError(f"blend_deform_frozen: blend='mix' needs mix [{nodes.shape[0]}], got "
+                         f"{None if mix is None else tuple(mix.shape)}")
+    kernel = _numba_kernel() if backend in ("auto", "numba") and points.device.type == "cpu" else None
+    if backend == "numba" and kernel is None:
+        raise RuntimeError("blend_deform_frozen: backend='numba' needs numba and CPU tensors")
+    with torch.no_grad():
+        if kernel is None:
+            if blend == "lbs":
+                return blend_deform_points_csr(points, node_affines(nodes, rotations, translations), frozen.matrix())
+            if blend == "dqs":
+                return blend_deform_points_dqs(points, nodes, rotations, translations, frozen.indices, frozen.weights)
+            return blend_deform_points_mixed(points, nodes, rotations, translations, frozen.indices, frozen.weights, mix)
+        f64 = np.float64
+        aff = node_affines(nodes, rotations, translations).detach().to(torch.float64).numpy()
+        dq = (node_dual_quats(nodes, rotations, translations).detach().to(torch.float64).numpy() if blend != "lbs"
+              else np.zeros((1, 8), f64))
+        mx = mix.detach().to(torch.float64).numpy() if blend == "mix" else np.zeros(1, f64)
+        pts = points.detach().contiguous()
+        out = torch.empty_like(pts)
+        kernel(pts.numpy(), frozen.indices.numpy(), frozen.weights.numpy(), aff, dq, mx,
+               BLEND_MODES.index(blend), out.numpy())
+        return out
+
+
 def _mlp(dims: list[int]) -> nn.Sequential:
     mods: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -281,6 +494,20 @@ class Binding:
 
     indices: Tensor
     dist2: Tensor
+
+
+@dataclass(frozen=True)
+class FrozenBinding:
+    """Inference form of a :class:`Binding` once the radii are frozen: ``indices [N, k]`` (int64, contiguous) and
+    the normalized RBF ``weights [N, k]`` (detached, contiguous), computed once and reused every frame."""
+
+    indices: Tensor
+    weights: Tensor
+    num_nodes: int
+
+    def matrix(self) -> Tensor:
+        """The weights as a sparse CSR ``[N, K]`` (the torch fallback of the "lbs" blend)."""
+        return blend_matrix(self.indices, self.weights, self.num_nodes)
 
 
 class ControlPointDeformer(nn.Module):
@@ -318,6 +545,9 @@ class ControlPointDeformer(nn.Module):
             self.pose_encoder.weight.copy_(torch.rand(self.pose_encoder.weight.shape, generator=g) * 2 * b - b)
             self.pose_encoder.bias.zero_()
         _init_mlp(self.mlp, g)
+        if cfg.blend == "mix":
+            self.mix_logit = nn.Parameter(torch.full((cfg.num_nodes,), math.log(cfg.mix_init / (1 - cfg.mix_init)),
+                                                     dtype=nodes.dtype))
 
     @staticmethod
     def from_surface(points: Tensor, pose_dim: int, cfg: ControlPointConfig = ControlPointConfig(),
@@ -352,26 +582,54 @@ class ControlPointDeformer(nn.Module):
         """RBF weights ``[N, k]`` of a binding with the current radii."""
         return rbf_weights(binding.dist2, self.log_radius, binding.indices)
 
+    def mix(self) -> Tensor | None:
+        """LBS share ``a [K]`` of every node (blend="mix"), else None."""
+        return torch.sigmoid(self.mix_logit) if self.cfg.blend == "mix" else None
+
+    def blend(self, points: Tensor, indices: Tensor, weights: Tensor, rotations: Tensor, translations: Tensor) -> Tensor:
+        """Blend the node transforms into ``points [N, 3]`` with the configured rule (``cfg.blend``)."""
+        if self.cfg.blend == "lbs":
+            return blend_deform_points(points, node_affines(self.nodes, rotations, translations), indices, weights)
+        if self.cfg.blend == "dqs":
+            return blend_deform_points_dqs(points, self.nodes, rotations, translations, indices, weights)
+        return blend_deform_points_mixed(points, self.nodes, rotations, translations, indices, weights, self.mix())
+
     def forward(self, points: Tensor, binding: Binding, pose: Tensor) -> Tensor:
         """Deformed canonical ``points [N, 3]`` for pose features ``pose [pose_dim]``."""
         R, t = self.node_transforms(pose)
-        return blend_deform_points(points, node_affines(self.nodes, R, t), binding.indices, self.weights(binding))
+        return self.blend(points, binding.indices, self.weights(binding), R, t)
+
+    def freeze(self, binding: Binding) -> FrozenBinding:
+        """The binding's current normalized weights, detached (for :meth:`deform_fast`; recompute after the radii
+        or the points change)."""
+        with torch.no_grad():
+            w = self.weights(binding).detach().contiguous()
+        return FrozenBinding(binding.indices.to(torch.int64).contiguous(), w, self.num_nodes)
 
     def blend_matrix(self, binding: Binding) -> Tensor:
-        """Sparse CSR ``[N, K]`` of the binding's current weights, for :meth:`deform_fast` (inference)."""
+        """Sparse CSR ``[N, K]`` of the binding's current weights (the torch "lbs" inference path)."""
         return blend_matrix(binding.indices, self.weights(binding).detach(), self.num_nodes)
 
-    def deform_fast(self, points: Tensor, matrix: Tensor, pose: Tensor, node_features: Tensor | None = None) -> Tensor:
-        """Inference path of :meth:`forward`: precomputed ``matrix`` (:meth:`blend_matrix`) and node features."""
-        R, t = self.node_transforms(pose, node_features)
-        return blend_deform_points_csr(points, node_affines(self.nodes, R, t), matrix)
+    def deform_fast(self, points: Tensor, frozen: FrozenBinding | Tensor, pose: Tensor,
+                    node_features: Tensor | None = None, backend: str = "auto") -> Tensor:
+        """Inference path of :meth:`forward` (no gradients): a :class:`FrozenBinding` (:meth:`freeze`) and
+        precomputed node features; ``backend`` as in :func:`blend_deform_frozen`. A CSR matrix
+        (:meth:`blend_matrix`) is accepted for blend="lbs" (torch sparse product)."""
+        with torch.no_grad():
+            R, t = self.node_transforms(pose, node_features)
+            if isinstance(frozen, FrozenBinding):
+                return blend_deform_frozen(points, frozen, self.nodes, R, t, self.cfg.blend, self.mix(), backend)
+            if self.cfg.blend != "lbs":
+                raise ValueError(f"deform_fast: a CSR matrix only serves blend='lbs'; use freeze() for "
+                                 f"blend={self.cfg.blend!r}")
+            return blend_deform_points_csr(points, node_affines(self.nodes, R, t), frozen)
 
     def deform_gaussians(self, means: Tensor, quats: Tensor, binding: Binding, pose: Tensor
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Deformed canonical ``(means [N, 3], quats [N, 4])`` plus the node ``(R, t)`` (for :meth:`arap`)."""
         R, t = self.node_transforms(pose)
         w = self.weights(binding)
-        new_means = blend_deform_points(means, node_affines(self.nodes, R, t), binding.indices, w)
+        new_means = self.blend(means, binding.indices, w, R, t)
         new_quats = quat_multiply(blend_node_quats(R, binding.indices, w), quats)
         return new_means, new_quats, R, t
 

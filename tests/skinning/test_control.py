@@ -3,14 +3,18 @@ import math
 import pytest
 import torch
 
-from avatar.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, quat_multiply
+from avatar.geometry.rotations import axis_angle_to_matrix, matrix_to_quat
 from avatar.skinning.control import (
     ControlPointConfig,
     ControlPointDeformer,
+    FrozenBinding,
     PerGaussianDeformer,
     arap_energy,
+    blend_deform_frozen,
     blend_deform_points,
     blend_deform_points_csr,
+    blend_deform_points_dqs,
+    blend_deform_points_mixed,
     blend_matrix,
     blend_node_quats,
     farthest_point_sampling,
@@ -210,3 +214,144 @@ def test_fits_a_pose_dependent_offset(gen):
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.2 * base
+
+
+# ---- LBS / DQS / mixed blending and the fused inference kernel -------------------------------------------------
+
+BACKENDS_TESTED = ["torch", pytest.param("numba", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("numba") is None, reason="numba not installed"))]
+
+
+def _global_rigid(gen, nodes):
+    R, T = _random_rigid(gen)
+    K = nodes.shape[0]
+    return R, T, R.expand(K, 3, 3).contiguous(), nodes @ R.T + T - nodes
+
+
+@pytest.mark.parametrize("blend", ["lbs", "dqs", "mix"])
+@pytest.mark.parametrize("backend", BACKENDS_TESTED)
+def test_pure_rigid_motion_reproduced_exactly_by_every_blend(gen, blend, backend):
+    pts = _points(gen)
+    d = _deformer(gen, pts)
+    nodes = d.nodes.double()
+    b = d.bind(pts)
+    w = rbf_weights(b.dist2, d.log_radius.double(), b.indices)
+    R, T, Rk, tk = _global_rigid(gen, nodes)
+    mix = torch.rand(nodes.shape[0], generator=gen, dtype=torch.float64)
+    ref = pts @ R.T + T
+    if blend == "lbs":
+        out = blend_deform_points(pts, node_affines(nodes, Rk, tk), b.indices, w)
+    elif blend == "dqs":
+        out = blend_deform_points_dqs(pts, nodes, Rk, tk, b.indices, w)
+    else:
+        out = blend_deform_points_mixed(pts, nodes, Rk, tk, b.indices, w, mix)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    fz = FrozenBinding(b.indices, w, nodes.shape[0])
+    fast = blend_deform_frozen(pts, fz, nodes, Rk, tk, blend, mix if blend == "mix" else None, backend)
+    torch.testing.assert_close(fast, ref, atol=1e-12, rtol=0)
+
+
+def _twist(angle: float):
+    """Two nodes on the z axis at z=0 and z=1, the upper one turned by ``angle`` about z; a ring of points of
+    radius 0.1 at z=0.5 weighted 1/2, 1/2 between them."""
+    nodes = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    R = torch.stack([torch.eye(3, dtype=torch.float64),
+                     axis_angle_to_matrix(torch.tensor([0.0, 0.0, angle], dtype=torch.float64))])
+    t = torch.zeros(2, 3, dtype=torch.float64)
+    phi = torch.linspace(0, 2 * math.pi, 25, dtype=torch.float64)[:-1]
+    ring = torch.stack([0.1 * torch.cos(phi), 0.1 * torch.sin(phi), torch.full_like(phi, 0.5)], -1)
+    idx = torch.tensor([[0, 1]]).expand(ring.shape[0], 2).contiguous()
+    w = torch.full((ring.shape[0], 2), 0.5, dtype=torch.float64)
+    return nodes, R, t, ring, idx, w
+
+
+@pytest.mark.parametrize("backend", BACKENDS_TESTED)
+def test_dqs_keeps_volume_under_a_twist_where_lbs_collapses(backend):
+    angle = math.radians(150)
+    nodes, R, t, ring, idx, w = _twist(angle)
+    fz = FrozenBinding(idx, w, 2)
+    lbs = blend_deform_frozen(ring, fz, nodes, R, t, "lbs", backend=backend)
+    dqs = blend_deform_frozen(ring, fz, nodes, R, t, "dqs", backend=backend)
+    mix = blend_deform_frozen(ring, fz, nodes, R, t, "mix", torch.full((2,), 0.5, dtype=torch.float64), backend)
+    r = lambda x: x[:, :2].norm(dim=-1)  # noqa: E731
+    # LBS: the ring shrinks to |cos(angle / 2)| of its radius (candy wrapper); DQS: a rigid turn by angle / 2
+    torch.testing.assert_close(r(lbs), torch.full_like(r(lbs), 0.1 * abs(math.cos(angle / 2))), atol=1e-12, rtol=0)
+    torch.testing.assert_close(r(dqs), torch.full_like(r(dqs), 0.1), atol=1e-12, rtol=0)
+    half = axis_angle_to_matrix(torch.tensor([0.0, 0.0, angle / 2], dtype=torch.float64))
+    torch.testing.assert_close(dqs, ring @ half.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mix, 0.5 * (lbs + dqs), atol=1e-12, rtol=0)
+    assert float(r(lbs).max()) < 0.03 < 0.1 - 1e-9 < float(r(dqs).min())
+
+
+@pytest.mark.parametrize("blend", ["lbs", "dqs", "mix"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numba_kernel_matches_torch_reference(gen, blend, dtype):
+    pytest.importorskip("numba")
+    pts = _points(gen, 600).to(dtype)
+    cfg = ControlPointConfig(**{**CFG.__dict__, "blend": blend})
+    d = ControlPointDeformer.from_surface(pts, 18, cfg, generator=gen).to(dtype)
+    with torch.no_grad():
+        d.mlp[-1].weight.normal_(0, 0.3, generator=gen)
+        d.mlp[-1].bias.normal_(0, 0.05, generator=gen)
+    b = d.bind(pts)
+    pose = torch.randn(18, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        ref = d(pts, b, pose)
+        fz = d.freeze(b)
+        fast = d.deform_fast(pts, fz, pose, backend="numba")
+        slow = d.deform_fast(pts, fz, pose, backend="torch")
+    assert float((ref - pts).abs().max()) > 1e-2  # a real deformation
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(fast, ref, atol=tol, rtol=0)
+    torch.testing.assert_close(slow, ref, atol=tol, rtol=0)
+    assert fast.dtype == dtype
+
+
+@pytest.mark.parametrize("blend", ["lbs", "dqs", "mix"])
+def test_zero_output_identity_for_every_blend_and_backend(gen, blend):
+    pts = _points(gen)
+    cfg = ControlPointConfig(**{**CFG.__dict__, "blend": blend})
+    d = ControlPointDeformer.from_surface(pts, 18, cfg, generator=gen).double()
+    b = d.bind(pts)
+    pose = torch.randn(18, generator=gen, dtype=torch.float64)
+    assert torch.equal(d(pts, b, pose), pts)
+    backends = ["torch"] + (["numba"] if __import__("importlib").util.find_spec("numba") else [])
+    for backend in backends:
+        assert torch.equal(d.deform_fast(pts, d.freeze(b), pose, backend=backend), pts), backend
+
+
+def test_mixed_blend_gradients_reach_mix_and_transforms(gen):
+    pts = _points(gen, 12).requires_grad_(True)
+    nodes = _points(gen, 5)
+    Rk = axis_angle_to_matrix(torch.randn(5, 3, generator=gen, dtype=torch.float64) * 0.5)
+    tk = (torch.randn(5, 3, generator=gen, dtype=torch.float64) * 0.1).requires_grad_(True)
+    idx = torch.randint(0, 5, (12, 3), generator=gen)
+    w = torch.softmax(torch.randn(12, 3, generator=gen, dtype=torch.float64), -1)
+    mix = torch.rand(5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, t, m: blend_deform_points_mixed(x, nodes, Rk, t, idx, w, m),
+                                    (pts, tk, mix))
+    d = ControlPointDeformer.from_surface(_points(gen).float(), 18, ControlPointConfig(**{**CFG.__dict__, "blend": "mix"}),
+                                          generator=gen)
+    with torch.no_grad():
+        d.mlp[-1].weight.normal_(0, 0.1, generator=gen)
+    p = _points(gen).float()
+    d(p, d.bind(p), torch.randn(18, generator=gen)).square().sum().backward()
+    assert d.mix_logit.grad is not None and d.mix_logit.grad.abs().sum() > 0
+
+
+def test_blend_config_and_fast_path_errors(gen):
+    with pytest.raises(ValueError, match="blend must be one of"):
+        ControlPointConfig(blend="slerp").validate()
+    with pytest.raises(ValueError, match="mix_init"):
+        ControlPointConfig(blend="mix", mix_init=1.0).validate()
+    pts = _points(gen)
+    d = ControlPointDeformer.from_surface(pts, 18, ControlPointConfig(**{**CFG.__dict__, "blend": "dqs"}),
+                                          generator=gen).double()
+    b = d.bind(pts)
+    pose = torch.zeros(18, dtype=torch.float64)
+    with pytest.raises(ValueError, match="CSR matrix only serves"):
+        d.deform_fast(pts, d.blend_matrix(b), pose)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        d.deform_fast(pts, d.freeze(b), pose, backend="cuda")
+    with pytest.raises(ValueError, match="N = the binding"):
+        d.deform_fast(pts[:10], d.freeze(b), pose)

@@ -18,12 +18,28 @@ training frames (4096 random Gaussians a step; the control points add a small AR
 the deformed + LBS-skinned Gaussians with the CPU rasterizer in held-out frames against the ground-truth mesh
 renders (so the absolute value includes the Gaussians' appearance gap; the deltas between variants are the point).
 
-Variants: dense per-Gaussian MLP (fp32, the baseline), control points (fp32), each compressed (int8 dynamic,
-weight-only int8, bf16, structured half width + fine-tune, structured + bf16), the residual skinning-weight field,
-the issue-6 skinning-code decoder and depth/skinning predictor when their shipped weights load, and the compact
-avatar file against the uncompressed 3DGS .ply of a Gaussian avatar fitted to the subject's images (above). "ms"
-is the median CPU time of one frame's deformation of all Gaussians (network + blending), in the same process and
-thread setting. Quick mode: 64 px, 30 frames, 20k Gaussians, 60 network steps, a 100-step avatar fit (< 1 min).
+Variants, in groups (size x, speed x and delta are against the group's first row, measured in this run):
+
+- net: dense per-Gaussian MLP (fp32, the baseline), control points (fp32; LBS blend through the fused numba pass,
+  the older torch CSR path, and the LBS/DQS mix), each compressed (int8 dynamic, weight-only int8, bf16,
+  structured half width + fine-tune, + int8 file and bf16 compute). Quality: novel-pose PSNR.
+- field: the fitted avatar's residual skinning-weight field (trained by ``avatar.fit`` with the Gaussians; the
+  avatar below), PTQ, and 1/4 width + top-8 base bones per Gaussian + distillation (``avatar.compress.distill``).
+  Quality: the fitted avatar's novel-pose PSNR with each variant's weights (plus the no-field row: what the
+  field itself adds); time: one evaluation on the 50k Gaussians.
+- codec: the shipped skinning-code decoder, PTQ, and pruned + distilled on its own training points. Quality: the
+  50k avatar skinned with the weights decoded from its weights' codes (novel-pose PSNR); the held-out LBS error of
+  ``evaluate_skin_codec`` in the note.
+- pred: the shipped depth/skin predictor (batch of 4 views at 96 px), channels-last, bf16, and the shipped
+  ``data/compressed/depthskin_anny_half.safetensors`` written by ``python -m tools.compress_predictor`` (half the
+  channels, distilled on the dense net's training views, int8 conv weights). Quality: held-out depth error (mm,
+  mean of front and back; lower is better) on the predictor's validation views; code / weight L1 in the note.
+- avatar: the compact avatar file against the uncompressed 3DGS .ply of a Gaussian avatar fitted to the subject's
+  images (above).
+
+"ms" is the median CPU time of one frame (interleaved rounds, same process and thread setting). Quick mode: 64 px,
+30 frames, 20k Gaussians, 60 network steps, shorter distillations, 8 predictor validation views, a 100-step avatar
+fit (about 1.5 min on an idle 2-core CPU).
 
     python tools/benchmarks/bench_compress.py [--quick] [--json] [--threads N]
 """
@@ -56,9 +72,16 @@ class Variant:
     params: int
     file_bytes: int
     ms: object  # float ms, a callable timed at the end (interleaved with the others), or None
-    psnr: float | None
+    psnr: float | None  # the quality measure of the group, in ``unit``
     note: str = ""
     group: str = "net"  # ratios and deltas are against the first variant of the same group
+    unit: str = "dB"  # "dB": novel-pose PSNR (higher is better); "mm": held-out depth error (lower is better)
+
+
+DECODER_KEEP = 0.5  # hidden widths 64-128-256-128 -> 32-64-128-64
+DECODER_LABEL = "1/2 width"
+GROUPS = ("net", "field", "codec", "pred", "avatar")  # table order
+QUALITY = {"dB": "novel-pose PSNR", "mm": "held-out depth error"}
 
 
 def dynamic_offsets(body, subject, poses: Tensor, amplitude: float, seed: int) -> Tensor:
@@ -112,6 +135,7 @@ def main() -> None:
     from avatar.render.mesh import vertex_normals
     from avatar.represent.avatar import GaussianAvatar
     from avatar.skinning.control import (
+        Binding,
         ControlPointConfig,
         ControlPointDeformer,
         PerGaussianConfig,
@@ -204,14 +228,9 @@ def main() -> None:
     cp_cfg = ControlPointConfig(num_nodes=512, k=4, graph_k=8, hidden=128, layers=3, pose_latent=64)
 
     def cp_deform(model, idx, pose):
-        from avatar.skinning.control import Binding
-
         b = Binding(binding.indices[idx], binding.dist2[idx])
         R, t = model.node_transforms(pose)
-        from avatar.skinning.control import blend_deform_points, node_affines
-
-        out = blend_deform_points(means0[idx], node_affines(model.nodes, R, t), b.indices, model.weights(b))
-        return out, model.arap(R, t) * 1e4
+        return model.blend(means0[idx], b.indices, model.weights(b), R, t), model.arap(R, t) * 1e4
 
     t0 = time.perf_counter()
     dense = PerGaussianDeformer(pose_dim, scale, PerGaussianConfig(hidden=128, layers=3, pose_latent=64),
@@ -224,6 +243,12 @@ def main() -> None:
     binding = cp.bind(means0)
     cp_loss = fit(cp, cp_deform, steps, 1e-3, arap_weight=1e-3)
     t_cp_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the same nodes with DreamMesh4D's LBS/DQS blend (a learnable LBS share per node)
+    cp_mix = ControlPointDeformer.from_surface(subject.canonical_vertices, pose_dim,
+                                               ControlPointConfig(**{**cp_cfg.__dict__, "blend": "mix"}),
+                                               generator=torch.Generator().manual_seed(3))
+    cp_mix_loss = fit(cp_mix, cp_deform, steps, 1e-3, arap_weight=1e-3)
+    t_cp_mix_fit = time.perf_counter() - t0
 
     # ---- evaluation helpers ------------------------------------------------------------------------------------
     weights_all = canon.skin_weights
@@ -285,19 +310,31 @@ def main() -> None:
     variants.append(Variant("no deformation (LBS only)", 0, 0, None, psnr_rigid))
 
     # control points -------------------------------------------------------------------------------------------
+    # inference: radii frozen, so the kNN indices and normalized RBF weights are computed once (freeze) and each
+    # frame runs the node network (K nodes) plus one fused numba pass over the points (blend_deform_frozen)
     with torch.no_grad():
         node_feats = cp.node_features()
-        W = cp.blend_matrix(binding)
 
         def cp_with(model):
-            return lambda p: model.deform_fast(means0, W, p, node_feats)
+            fz = model.freeze(binding)  # after any fine-tune: the model's own radii
+            return lambda p: model.deform_fast(means0, fz, p, node_feats)
 
         cp_fn = cp_with(cp)
         ms_cp = (lambda: cp_fn(pose_t))
         psnr_cp = render_psnr(lambda f: cp_fn(feats[f]))
+        W_csr = cp.blend_matrix(binding)
+        ms_cp_csr = (lambda: cp.deform_fast(means0, W_csr, pose_t, node_feats))
+        mix_fn = cp_with(cp_mix)
+        psnr_mix = render_psnr(lambda f: mix_fn(feats[f]))
     bytes_cp = nbytes_file("cp", dict(cp.state_dict()), enc="dense")
     variants.append(Variant(f"control points K={cp.num_nodes} fp32", n_params(cp), bytes_cp, ms_cp, psnr_cp,
-                            f"fit loss {cp_loss:.3f} cm^2, {t_cp_fit:.0f} s"))
+                            f"LBS blend, fused numba pass; fit loss {cp_loss:.3f} cm^2, {t_cp_fit:.0f} s"))
+    variants.append(Variant(f"control points K={cp.num_nodes} fp32 (torch CSR blend)", n_params(cp), bytes_cp,
+                            ms_cp_csr, psnr_cp, "the previous inference path: sparse CSR product + batched 3x3"))
+    variants.append(Variant(f"control points K={cp.num_nodes} LBS/DQS mix fp32", n_params(cp_mix),
+                            nbytes_file("cp_mix", dict(cp_mix.state_dict()), enc="dense"), (lambda: mix_fn(pose_t)),
+                            psnr_mix, f"a LBS + (1-a) DQS, learnable a per node (mean a {float(cp_mix.mix().detach().mean()):.2f} "
+                            f"after the fit); fit loss {cp_mix_loss:.3f} cm^2, {t_cp_mix_fit:.0f} s"))
 
     # compressed networks: the same recipe for both deformers --------------------------------------------------
     # structured (narrower) networks: fine-tuned for as many steps again as the original fit (measured: with a
@@ -351,97 +388,144 @@ def main() -> None:
     variants += compress_variants("per-Gaussian", dense, dense_with, dense_deform, ms_dense)
     variants += compress_variants("control", cp, cp_with, cp_deform, ms_cp)
 
-    # residual skinning-weight field on the 50k Gaussians (a non-zero head stands in for a trained one) -------
-    field = ResidualWeightField(dense_w.shape[1], hidden=64, layers=2, num_freqs=4, scale=scale,
-                                generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        field.head.weight.copy_(torch.randn(field.head.weight.shape, generator=gen) * 0.3)
-        ref_w = field(means0, weights_all)
-        ms_field = (lambda: field(means0, weights_all))
-        psnr_field = None
-        field_rows = [Variant("weight field fp32", n_params(field), nbytes_file("wf", dict(field.state_dict()), enc="dense"),
-                              ms_field, psnr_field, group="field")]
-        for label, mk in (("int8 dynamic", lambda m: quantize_dynamic_int8(m)),
-                          ("bf16", lambda m: to_bfloat16(m) if bf_ok else None)):
-            fm = copy.deepcopy(field)
-            body_q, head_q = mk(field.body), mk(field.head)
-            if body_q is None:
-                continue
-            fm.body, fm.head = body_q, head_q
-            w_q = fm(means0, weights_all)
-            field_rows.append(Variant(f"weight field {label}", n_params(fm),
-                                      nbytes_file(f"wf_{label[:4]}", dict(field.state_dict()), quantize=label.startswith("int8"))
-                                      if label.startswith("int8") else
-                                      nbytes_file("wf_bf", {k: v.bfloat16() for k, v in field.state_dict().items()}),
-                                      (lambda fm=fm: fm(means0, weights_all)),
-                                      None,
-                                      f"max |dw| {float((w_q - ref_w).abs().max()):.4f}", group="field"))
-    variants += field_rows
+    stage["deformation nets"] = time.perf_counter() - stage.pop("_t0")
 
-    # issue 6's networks, when their shipped weights load ------------------------------------------------------
+    def sd_bytes(name: str, module: nn.Module, how: str) -> int:
+        """File bytes of a module's state dict: "fp32" dense, "bf16" dense, "int8" (matrices int8 per channel)."""
+        sd = {k: v for k, v in module.state_dict().items() if torch.is_tensor(v)}
+        if how == "bf16":
+            return nbytes_file(name, {k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()},
+                               enc="dense")
+        return nbytes_file(name, sd, quantize=how == "int8", enc="dense" if how == "fp32" else "auto")
+
+    # skinning-code decoder (issue 6's SkinCodec, shipped weights) -------------------------------------------------
+    # quality: the 50k-Gaussian avatar above skinned with the weights decoded from its own weights' codes (the true
+    # pose-dependent offsets applied), novel-pose PSNR against the reference renders (true weights); note: the
+    # held-out LBS error of the decoded weights (evaluate_skin_codec: a phenotype never trained on, 8 poses)
     try:
-        from avatar.predict.skin_codes import SkinCodec, shipped_codec_path
-        from safetensors.torch import load_file
+        from avatar.compress.distill import distill_codec_decoder
+        from avatar.data.synthetic import sample_phenotype
+        from avatar.predict.skin_codes import (
+            SkinCodec,
+            evaluate_skin_codec,
+            load_skin_codec,
+            random_poses,
+            sample_skin_points,
+        )
 
-        sd = load_file(str(shipped_codec_path()))
-        codec = SkinCodec(dense_w.shape[1])
-        codec.load_state_dict(sd)
-        codec.eval()
+        codec = load_skin_codec()
+        t_codec = time.perf_counter()
+        g_codec = torch.Generator().manual_seed(0)  # the codec's training points (SkinCodecConfig, seed 0)
+        train_shapes = torch.stack([sample_phenotype(i, body.shape_dim) for i in range(4)])
+        train_pts = sample_skin_points(body, train_shapes, 10_000 if quick else 40_000, 0.5, 0.05, g_codec)
+        lbs_pose = random_poses(body, train_shapes[0], 4, 10_000)  # the codec's LBS training poses
+        with torch.no_grad():
+            T_codec, _ = body.bone_transforms(lbs_pose, train_shapes[:1].expand(4, -1).to(body.dtype))
+        T_codec = T_codec.float()[..., :3, :].flatten(-2)  # [4, J, 12]
+        test_shape = sample_phenotype(4, body.shape_dim)[None]
+        test_pts = sample_skin_points(body, test_shape, 5_000 if quick else 20_000, 0.5, 0.05, g_codec,
+                                      include_vertices=False)
         with torch.no_grad():
             codes = codec.encode(weights_all)  # the avatar's own weights' codes
-        with torch.no_grad():
-            ref = codec.decode(codes)
-            ms_c = (lambda: codec.decode(codes))
-            variants.append(Variant("skin-code decoder fp32", n_params(codec.decoder),
-                                    nbytes_file("codec", dict(codec.decoder.state_dict()), enc="dense"), ms_c, None,
-                                    f"decode of {n_gauss} codes", group="codec"))
-            for label, mk in (("int8 dynamic", quantize_dynamic_int8), ("int8 weight-only", quantize_weight_only),
-                              ("bf16", to_bfloat16)):
-                if label == "bf16" and not bf_ok:
-                    continue
-                cq = copy.deepcopy(codec)
-                cq.decoder = mk(codec.decoder)
-                out = cq.decode(codes)
-                variants.append(Variant(f"skin-code decoder {label}", n_params(cq.decoder),
-                                        nbytes_file(f"codec_{label[:4]}", dict(codec.decoder.state_dict()),
-                                                    quantize=label.startswith("int8"))
-                                        if label.startswith("int8") else
-                                        nbytes_file("codec_bf", {k: v.bfloat16() for k, v in codec.decoder.state_dict().items()}),
-                                        (lambda cq=cq: cq.decode(codes)), None,
-                                        f"max |dw| {float((out - ref).abs().max()):.4f}", group="codec"))
-    except Exception as e:  # the other issue's files may not exist yet; say so instead of failing the benchmark
-        variants.append(Variant("skin-code decoder", 0, 0, None, None, f"not measured: {type(e).__name__}: {e}",
-                                group="codec"))
-    try:
-        from avatar.predict.infer import load_predictor
-        from avatar.predict.network import DepthSkinNet
+            w_dec = codec.decode(codes)
 
-        try:
-            net, how = load_predictor(), "shipped weights"
-        except FileNotFoundError as e:
-            net, how = DepthSkinNet(), f"untrained architecture (size/speed only; {e.__class__.__name__})"
-        net.eval()
+        def codec_with(decoder: nn.Module) -> SkinCodec:
+            c = copy.deepcopy(codec)
+            c.decoder = decoder
+            return c
+
+        def codec_quality(c: SkinCodec) -> tuple[float, str]:
+            with torch.no_grad():
+                w = c.decode(codes)
+                p = render_psnr(lambda f: means0 + target[f], skin_w=w)
+                ev = evaluate_skin_codec(c, body, test_pts, test_shape, 8, 7919)
+            return p, (f"held-out LBS error {ev['lbs_error_mm_mean']:.2f} mm mean / {ev['lbs_error_mm_p99']:.1f} p99, "
+                       f"weight L1 {ev['l1_mean']:.3f}; max |dw| vs dense {float((w - w_dec).abs().max()):.3f}")
+
+        dec_variants = [("fp32", codec.decoder, "fp32"),
+                        ("int8 dynamic", quantize_dynamic_int8(codec.decoder), "int8"),
+                        ("int8 weight-only", quantize_weight_only(codec.decoder), "int8")]
+        if bf_ok:
+            dec_variants.append(("bf16", to_bfloat16(codec.decoder), "bf16"))
+        t0 = time.perf_counter()
+        dec_keep = DECODER_KEEP
+        small_dec = distill_codec_decoder(codec, train_pts.weights, keep=dec_keep, steps=300 if quick else 1500, seed=0,
+                                          positions=train_pts.canonical, transforms=T_codec)
+        t_dist = time.perf_counter() - t0
+        dec_variants.append((f"pruned {DECODER_LABEL} + distill", small_dec, "fp32"))
+        dec_variants.append((f"pruned {DECODER_LABEL} + distill + int8 file + {'bf16' if bf_ok else 'fp32'} compute",
+                             to_bfloat16(small_dec) if bf_ok else quantize_weight_only(small_dec), "int8"))
+        for label, dec, how in dec_variants:
+            c = codec_with(dec)
+            q, note = codec_quality(c)
+            src = small_dec if "distill" in label else codec.decoder
+            if "distill" in label and "int8" not in label:
+                note = f"{note}; distilled {t_dist:.0f} s"
+            variants.append(Variant(f"skin-code decoder {label}", n_params(src),
+                                    sd_bytes(f"dec_{len(variants)}", src, how), (lambda c=c: c.decode(codes)), q,
+                                    note, group="codec"))
+        stage["codec"] = time.perf_counter() - t_codec
+    except FileNotFoundError as e:  # the shipped codec is issue 6's file; say so instead of failing the benchmark
+        variants.append(Variant("skin-code decoder", 0, 0, None, None, f"not measured: {e}", group="codec"))
+
+    # depth/skinning predictor (issue 6's DepthSkinNet, shipped weights) ---------------------------------------------
+    # quality: held-out depth error (mm, mean of front and back inside the person mask) on the predictor's own
+    # validation views (PredictorTrainConfig().val; quick: the first 8); codes / decoded-weight L1 in the note.
+    # The compressed net is the shipped data/compressed file written by `python -m tools.compress_predictor`
+    # (channel pruning to half width + distillation on the dense net's training views + int8 conv weights).
+    try:
+        from avatar.body.anny_body import cache_root
+        from avatar.compress.predictor import CastPredictor, load_compact_predictor, parameter_count
+        from avatar.predict.infer import load_predictor
+        from avatar.predict.samples import cached_samples
+        from avatar.predict.skin_codes import shipped_codec_path
+        from avatar.predict.train import PredictorTrainConfig, evaluate_predictor, file_sha256
+
+        from avatar.predict.skin_codes import load_skin_codec
+
+        t_pred = time.perf_counter()
+        net = load_predictor()
+        codec = load_skin_codec()
+        val_cfg = PredictorTrainConfig().val
+        val_set = cached_samples(body, codec, val_cfg, cache_root() / "predictor-samples",
+                                 file_sha256(shipped_codec_path("anny")))
+        if quick:
+            val_set = val_set.select(torch.arange(8))
         S = net.cfg.size
         x_in = torch.rand(4, 14, S, S, generator=gen)
-        with torch.no_grad():
-            ref_out = net(x_in)
-            variants.append(Variant("depth/skin predictor fp32 (batch 4)", n_params(net),
-                                    nbytes_file("pred", dict(net.state_dict()), enc="dense"),
-                                    (lambda: net(x_in)), None, how, group="pred"))
+
+        def pred_row(label: str, model, params: int, file_bytes: int, note: str = "") -> None:
+            with torch.no_grad():
+                ev = evaluate_predictor(model, val_set, codec)
+            err = 0.5 * (ev["depth_front_mm"] + ev["depth_back_mm"])
+            variants.append(Variant(f"depth/skin predictor {label}", params, file_bytes, (lambda m=model: m(x_in)),
+                                    err, f"depth f/b {ev['depth_front_mm']:.2f}/{ev['depth_back_mm']:.2f} mm, codes L1 "
+                                    f"{ev['codes_l1']:.4f}, weights L1 {ev['weights_l1']:.3f}{'; ' + note if note else ''}",
+                                    group="pred", unit="mm"))
+
+        pred_row("fp32 (batch 4)", net, parameter_count(net), sd_bytes("pred", net, "fp32"), "shipped weights")
+        pred_row("fp32 channels-last", CastPredictor(net, torch.float32), parameter_count(net),
+                 sd_bytes("pred", net, "fp32"), "same weights, oneDNN's channels-last layout")
+        if bf_ok:
+            pred_row("bf16 channels-last", CastPredictor(net), parameter_count(net), sd_bytes("pred_bf", net, "bf16"))
+        small_path = Path(__file__).resolve().parents[2] / "data" / "compressed" / "depthskin_anny_half.safetensors"
+        if small_path.is_file():
+            small = load_compact_predictor(small_path)
+            meta = small.meta
+            how = f"{small_path.name}: widths {tuple(small.cfg.widths)}, {meta.get('steps')} distillation steps"
+            pred_row("1/2 channels + distill + int8 file, fp32 channels-last", CastPredictor(small, torch.float32),
+                     parameter_count(small), small_path.stat().st_size, how)
             if bf_ok:
-                nb = to_bfloat16(net)
-                err = float((nb(x_in) - ref_out).abs().max() / ref_out.abs().max())
-                variants.append(Variant("depth/skin predictor bf16", n_params(net),
-                                        nbytes_file("pred_bf", {k: v.bfloat16() if v.is_floating_point() else v
-                                                                for k, v in net.state_dict().items()}, enc="dense"),
-                                        (lambda nb=nb: nb(x_in)), None, f"max rel. output error {err:.4f}",
-                                        group="pred"))
-            variants.append(Variant("depth/skin predictor int8 file (weights)", n_params(net),
-                                    nbytes_file("pred_i8", dict(net.state_dict()), quantize=True), None, None,
-                                    "per-channel int8 conv weights; compute stays fp32/bf16", group="pred"))
-    except Exception as e:
-        variants.append(Variant("depth/skin predictor", 0, 0, None, None, f"not measured: {type(e).__name__}: {e}",
-                                group="pred"))
+                pred_row("1/2 channels + distill + int8 file, bf16 channels-last", CastPredictor(small),
+                         parameter_count(small), small_path.stat().st_size, how)
+        else:
+            variants.append(Variant("depth/skin predictor 1/2 channels", 0, 0, None, None,
+                                    f"not measured: {small_path} missing (python -m tools.compress_predictor)",
+                                    group="pred", unit="mm"))
+        stage["predictor"] = time.perf_counter() - t_pred
+    except FileNotFoundError as e:
+        variants.append(Variant("depth/skin predictor", 0, 0, None, None, f"not measured: {e}", group="pred",
+                                unit="mm"))
 
     # compact avatar: a Gaussian avatar FITTED to the subject's images -------------------------------------------
     # The fitting job (``avatar.fit.fit_subject``, the fast CPU preset, shortened) on the same subject rendered
@@ -455,7 +539,6 @@ def main() -> None:
     from avatar.types import BodyPose
 
     t_avatar = time.perf_counter()
-    stage["networks"] = t_avatar - stage.pop("_t0")
     fit_ids = train_ids[::2]
     fit_frames: list[Frame] = []
     static_gt: dict[int, tuple[Tensor, Tensor]] = {}
@@ -501,6 +584,71 @@ def main() -> None:
     variants.append(Variant("fitted avatar .ply fp32 (3DGS)", len(plain), ply_bytes, None, avatar_psnr(full_set),
                             f"fit {fit_steps} steps, {fitted.seconds:.0f} s, last-20-step train PSNR "
                             f"{fit_train_psnr:.2f} dB", group="avatar"))
+    # residual skinning-weight field: the fitted avatar's own (avatar.fit trains it with the Gaussians) -----------
+    # quality: the fitted avatar's novel-pose PSNR with each variant's weights (ground-truth renders, as the avatar
+    # rows); note: weight L1 and LBS position change (test poses) against the dense field. Time: one evaluation on
+    # the 50k-Gaussian set above (the per-step cost in fitting).
+    t_field = time.perf_counter()
+    from avatar.compress.distill import WeightSupport, densify_weights, distill_weight_field
+    from avatar.skinning.lbs import lbs_points as _lbs
+
+    field = fitted_avatar.weight_field
+    field_note = "the fitted avatar's field"
+    if field is None:  # a fit config without the field: a random non-zero head stands in (speed / size only)
+        field = ResidualWeightField(dense_w.shape[1], hidden=64, layers=2, num_freqs=4, scale=scale,
+                                    generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            field.head.weight.copy_(torch.randn(field.head.weight.shape, generator=gen) * 0.3)
+        field_note = "untrained stand-in (the fit had no field)"
+    field = copy.deepcopy(field).float().eval()
+    fa_means = fitted_avatar.means.detach()
+    fa_base = fitted_avatar.base_weights.detach()
+    with torch.no_grad():
+        w_field = field(fa_means, fa_base)
+
+    def field_quality(w: Tensor) -> tuple[float, str]:
+        g = GaussianSet(full_set.means, full_set.quats, full_set.scales, full_set.opacities, full_set.colors, w)
+        with torch.no_grad():
+            mm = torch.cat([(_lbs(fa_means, w, transforms[f]) - _lbs(fa_means, w_field, transforms[f])).norm(dim=-1)
+                            for f in test_ids]) * 1000
+        return avatar_psnr(g), (f"weight L1 vs dense field {float((w - w_field).abs().sum(-1).mean()):.2e}, LBS "
+                                f"change {float(mm.mean()):.3f} mm mean / {float(mm.max()):.2f} max")
+
+    q_base, n_base = field_quality(fa_base)
+    variants.append(Variant("weight field fp32", n_params(field), sd_bytes("wf", field, "fp32"),
+                            (lambda: field(means0, weights_all)), avatar_psnr(full_set),
+                            f"{field_note}; its own effect: mean weight L1 vs base "
+                            f"{float((w_field - fa_base).abs().sum(-1).mean()):.2e}", group="field"))
+    variants.append(Variant("no weight field (base weights)", 0, 0, None, q_base, n_base, group="field"))
+    for label, mk, how in (("int8 dynamic", quantize_dynamic_int8, "int8"), ("bf16", to_bfloat16, "bf16")):
+        if how == "bf16" and not bf_ok:
+            continue
+        fm = copy.deepcopy(field)
+        fm.body, fm.head = mk(field.body), mk(field.head)
+        with torch.no_grad():
+            q, note = field_quality(fm(fa_means, fa_base))
+        variants.append(Variant(f"weight field {label}", n_params(field), sd_bytes(f"wf_{how}", field, how),
+                                (lambda fm=fm: fm(means0, weights_all)), q, note, group="field"))
+    k_sup = 8
+    t0 = time.perf_counter()
+    small_field, fa_support = distill_weight_field(field, fa_means, fa_base, keep=0.25, k=k_sup,
+                                                   steps=100 if quick else 400, seed=0)
+    t_dist = time.perf_counter() - t0
+    support_50k = WeightSupport.from_base(weights_all, k_sup)  # once per Gaussian set, like a binding
+    lost = float(fa_support.outside_mass(fa_base).mean())
+    for label, sf, how in (("fp32", small_field, "fp32"),
+                           (f"int8 file + {'bf16' if bf_ok else 'fp32'} compute",
+                            to_bfloat16(small_field) if bf_ok else quantize_weight_only(small_field), "int8")):
+        with torch.no_grad():
+            ws, wi = sf(fa_means, fa_support)
+            q, note = field_quality(densify_weights(ws, wi, fa_base.shape[1]))
+        variants.append(Variant(f"weight field 1/4 width + top-{k_sup} bones + distill, {label}", n_params(small_field),
+                                sd_bytes(f"wfs_{how}", small_field, how),
+                                (lambda sf=sf: sf(means0, support_50k)), q,
+                                f"{note}; base mass outside the top {k_sup}: {lost:.1e}; distilled {t_dist:.0f} s",
+                                group="field"))
+    stage["weight field"] = time.perf_counter() - t_field
+
     importance = torch.zeros(len(plain))
     with torch.no_grad():
         for f in fit_ids:
@@ -535,7 +683,7 @@ def main() -> None:
             how = f" + fine-tune {steps_ft}" if steps_ft else " (no fine-tune)"
             compact_rows(f"keep {keep:.0%}{how}", sub,
                          f"fine-tune {time.perf_counter() - t0:.0f} s; " if steps_ft else "")
-    stage["compact avatar"] = time.perf_counter() - t_avatar - stage["avatar fit"]
+    stage["compact avatar"] = time.perf_counter() - t_avatar - stage["avatar fit"] - stage["weight field"]
 
     # ---- interleaved timing: one call of each variant per round, medians over rounds ----------------------------
     t0_timing = time.perf_counter()
@@ -557,6 +705,7 @@ def main() -> None:
     stage["interleaved timing"] = time.perf_counter() - t0_timing
 
     # ---- output ---------------------------------------------------------------------------------------------------
+    variants.sort(key=lambda v: GROUPS.index(v.group))  # stable: the order within a group is kept
     rows = []
     group_base: dict[str, Variant] = {}
     for v in variants:
@@ -571,7 +720,7 @@ def main() -> None:
         if v.file_bytes:
             rows.append(row(f"{v.name} | file", v.file_bytes, "B", ref(v).file_bytes))
         if v.psnr is not None:
-            rows.append(row(f"{v.name} | novel-pose PSNR", v.psnr, "dB", ref(v).psnr))
+            rows.append(row(f"{v.name} | {QUALITY[v.unit]}", v.psnr, v.unit, ref(v).psnr))
     if args.json:
         import json
 
@@ -580,24 +729,29 @@ def main() -> None:
     print(f"\nbench_compress: subject seed {cfg.seed}, {size}x{size}, {len(cfg.cameras)} cameras, "
           f"{len(train_ids)} train / {len(test_ids)} novel-pose frames, {n_gauss} Gaussians, "
           f"{torch.get_num_threads()} torch threads; bf16: {bf_why}")
-    print("ms = median CPU time of one frame's deformation of all Gaussians (interleaved rounds); network PSNR: "
-          "novel poses vs the same Gaussians moved by the true offsets; delta vs the dense fp32 network; avatar "
-          "rows: an avatar fitted by avatar.fit.fit_subject, novel-pose PSNR vs the ground-truth renders of held-out "
-          "poses, file size (appearance only, as the .ply) and delta vs its uncompressed .ply\n")
+    print("ms = median CPU time of one frame (interleaved rounds): deformation of all Gaussians (net), one field "
+          f"evaluation on the {n_gauss} Gaussians (field), decoding {n_gauss} codes (codec), a batch of 4 views "
+          "(pred). quality: novel-pose PSNR in dB (net: vs the same Gaussians moved by the true offsets; field: the "
+          "fitted avatar vs ground truth; codec: the deformation avatar skinned with decoded weights) or the held-out "
+          "depth error in mm (pred, lower is better). size x, speed x and delta are against the first row of each "
+          "group (its dense fp32 network, or the avatar's .ply)\n")
     w = max(len(v.name) for v in variants)
     print(f"{'variant':<{w}}  {'params':>9}  {'file B':>9}  {'size x':>6}  {'ms/frame':>9}  {'speed x':>7}  "
-          f"{'PSNR dB':>8}  {'delta':>6}  note")
+          f"{'quality':>11}  {'delta':>6}  note")
+    last = None
     for v in variants:
+        if last is not None and v.group != last:
+            print()
+        last = v.group
         ref_b = ref(v).file_bytes
-        sx = f"{ref_b / v.file_bytes:.1f}" if v.file_bytes else ""
+        sx = f"{ref_b / v.file_bytes:.1f}" if v.file_bytes and ref_b else ""
         ms = f"{v.ms:.2f}" if v.ms is not None else ""
         spx = f"{ref(v).ms / v.ms:.1f}" if v.ms and ref(v).ms else ""
-        ps = f"{v.psnr:.2f}" if v.psnr is not None else ""
+        ps = f"{v.psnr:.2f} {v.unit}" if v.psnr is not None else ""
         d = f"{v.psnr - ref(v).psnr:+.2f}" if v.psnr is not None and ref(v).psnr is not None else ""
-        print(f"{v.name:<{w}}  {v.params:>9}  {v.file_bytes:>9}  {sx:>6}  {ms:>9}  {spx:>7}  {ps:>8}  {d:>6}  {v.note}")
+        print(f"{v.name:<{w}}  {v.params:>9}  {v.file_bytes:>9}  {sx:>6}  {ms:>9}  {spx:>7}  {ps:>11}  {d:>6}  {v.note}")
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stage.items()))
-    print(f"(total {time.perf_counter() - t_start:.0f} s; size x, speed x and delta are against the first row of "
-          f"each group: the dense per-Gaussian fp32 network, the fp32 weight field, decoder, predictor, the .ply)")
+    print(f"(total {time.perf_counter() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":
