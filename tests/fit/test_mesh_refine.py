@@ -229,7 +229,7 @@ def test_refinement_recovers_the_shape(toy):
     col = _colors(v0)
     poses = [_pose([0, 0, 0], [0, 0, 0])] * 1 + [_pose([0.1, 0, 0], [0.7, 0.2, 0])]
     views = _views(toy, target, col, [(p, p) for p in poses])
-    cfg = MeshRefineConfig(stages=(MeshStage(steps=30, pose=False, lr_vertices=2e-3),
+    cfg = MeshRefineConfig(stages=(MeshStage(steps=30, pose=False, lr_vertices=5e-3, smooth=5.0),
                                    MeshStage(steps=10, pose=False, lr_vertices=5e-4, subdivide=True)),
                            w_laplacian=50.0, w_depth=5.0, progress=False)
     before = _chamfer(v0, target)
@@ -289,3 +289,87 @@ def test_refine_mesh_bad_input(toy):
         refine_mesh((v0, toy.faces), toy.dense_skin_weights(), views, toy, MeshRefineConfig(stages=()))
     with pytest.raises(TypeError, match="canonical_mesh"):
         refine_mesh(v0, toy.dense_skin_weights(), views, toy, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# smooth parameterization, uniform Adam, rim term, template wrap
+
+
+def test_smooth_solver_inverts_and_backward_is_a_solve():
+    from avatar.fit.mesh_refine import SmoothSolver
+
+    v, f = _grid(5)
+    e = mesh_edges(f)
+    s = SmoothSolver(25, e, 10.0)
+    u = torch.randn(25, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    x = s.solve(u)
+    torch.testing.assert_close(s.apply(x.detach()), u.detach())  # M (M^-1 u) = u
+    assert torch.autograd.gradcheck(s.solve, (u,))
+    # a constant displacement is not smoothed (L 1 = 0)
+    torch.testing.assert_close(s.solve(torch.ones(25, 3, dtype=torch.float64)), torch.ones(25, 3, dtype=torch.float64))
+
+
+def test_uniform_adam_step_is_proportional_to_the_gradient():
+    from avatar.fit.mesh_refine import UniformAdam
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = UniformAdam([p], lr=0.1)
+    p.grad = torch.tensor([1.0, 0.1, 0.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.1, -0.01, 0.0]), atol=1e-6, rtol=1e-5)
+
+
+def test_mask_sdf_zero_level_between_pixel_centres():
+    from avatar.fit.mesh_refine import mask_sdf
+
+    m = torch.zeros(1, 6, 8)
+    m[0, :, :3] = 1  # columns 0..2 inside: the edge lies at x = 3 (between centres 2.5 and 3.5)
+    d = mask_sdf(m)[0]
+    torch.testing.assert_close(d[2, 2], torch.tensor(0.5))
+    torch.testing.assert_close(d[2, 3], torch.tensor(-0.5))
+    torch.testing.assert_close(d[2, 0], torch.tensor(2.5))
+    with pytest.raises(ValueError, match="masks"):
+        mask_sdf(m[0])
+
+
+def test_rim_loss_zero_on_the_target_and_pushes_outward_inside():
+    from avatar.fit.mesh_refine import mask_sdf, rim_loss
+
+    m = torch.zeros(1, 6, 8)
+    m[0, :, :3] = 1
+    sdf = mask_sdf(m)
+    on_edge = torch.tensor([[[3.0, 2.5]]], requires_grad=True)
+    rim = torch.ones(1, 1, dtype=torch.bool)
+    assert float(rim_loss(on_edge, rim, sdf)) < 1e-12
+    inside = torch.tensor([[[2.2, 2.5]]], requires_grad=True)
+    loss = rim_loss(inside, rim, sdf)
+    loss.backward()
+    assert float(loss) > 0 and float(inside.grad[0, 0, 0]) < 0  # descending moves the point to larger x: outward
+
+
+def test_wrap_template_recovers_normal_offsets():
+    import trimesh
+
+    from avatar.fit.mesh_refine import wrap_template
+    from avatar.render.mesh import vertex_normals
+
+    m = trimesh.creation.icosphere(subdivisions=3, radius=0.2)
+    v = torch.from_numpy(np.asarray(m.vertices)).float()
+    f = torch.from_numpy(np.asarray(m.faces, np.int64))
+    n = vertex_normals(v, f)
+    true = 0.02 + 0.01 * v[:, 2] / 0.2  # a smooth 1-3 cm offset field
+    target = v + true[:, None] * n
+    off = wrap_template(v, f, target, f, smooth_iters=2, num_samples=100_000)
+    assert float((off - true).abs().mean()) < 1.5e-3, float((off - true).abs().mean())
+
+
+def test_rim_refinement_keeps_the_true_shape(toy):
+    """Started from the true shape with exact poses, the default losses (rim, photometric) must not move it away:
+    the check that caught the old soft-silhouette term inflating the surface."""
+    v0 = toy.rest_vertices
+    col = _colors(v0)
+    poses = [_pose([0, 0, 0], [0, 0, 0]), _pose([0.1, 0, 0], [0.7, 0.2, 0])]
+    views = _views(toy, v0, col, [(p, p) for p in poses])
+    cfg = MeshRefineConfig(stages=(MeshStage(steps=15, pose=False, smooth=5.0, lr_vertices=1e-3),), progress=False)
+    out = refine_mesh((v0, toy.faces), toy.dense_skin_weights(), views, toy, cfg, colors=col)
+    assert _chamfer(out.vertices, v0) < 2e-3, _chamfer(out.vertices, v0)

@@ -3,18 +3,19 @@ the posed refined mesh, and joint-angle correction of poses perturbed by 10 degr
 
     python -m tools.benchmarks.bench_mesh_refine [--quick] [--json] [--start oracle|predicted] [--pose-noise-deg 10]
 
-Setup: subject seed 3 ("free" motion, shirt and trousers, flat albedo: ``shading=False``), training cameras 0, 6, 12,
-17 of the 23-camera ring (about 90 degrees apart), frames 5 and 17; held-out camera 3 for the novel view. The input
-poses are the true ones with every bone's rotation composed with a 10-degree rotation about a random axis (seeded).
-The starting mesh is the fused mesh of ``avatar.fusion`` from oracle input (ground-truth depth layers and skinning
-codes of frame 17 in the 4 training cameras); the refinement sees the images, masks and the oracle depth maps of every
-training view (the same oracle input the fusion had) and the perturbed poses. With ``--start predicted`` it is the fused
-mesh of the shipped predictor's layers (what ``fit_avatar --images`` makes), and the refinement sees the predicted
-front depth of frame 17 instead of oracle depth.
+Setup: subject seed 3 ("free" motion, shirt and trousers, flat albedo: ``shading=False``). The fused mesh is the
+fusion (``avatar.fusion``) of frame 17 in cameras 0, 6, 12, 17 of the 23-camera ring, from oracle input
+(ground-truth depth layers and skinning codes) or, with ``--start predicted``, from the shipped predictor's layers
+(what ``fit_avatar --images`` makes). The refinement starts from the subject's body template wrapped onto the fused
+mesh (``wrap_template``: offsets along the template normals, the SMPL+D form, which drops the fused mesh's sheets of
+wrongly canonicalized points) and sees the images and masks (no depth: predicted depth is biased) of every ring
+camera except the held-out camera 3, frames 5 and 17, 8 random views per step. The input poses are the true ones
+with every bone's rotation composed with a ``--pose-noise-deg`` rotation about a random axis (seeded).
 
 Rows:
 - ``chamfer_*`` (mm, vs the ground-truth canonical clothed mesh; ``ratio = fused / value``, target >= 1.43, i.e. at
-  least 30% lower than the fused mesh): the naked template, the fused mesh, the refined mesh;
+  least 30% lower than the fused mesh): the naked template, the fused mesh, the wrapped template (the refinement's
+  start), the refined mesh;
 - ``psnr_heldout_*`` (dB, held-out camera, both frames; ``ratio = value / start``): the fused mesh with colours
   projected from the training views posed by the input poses, and the refined mesh posed by the corrected poses;
 - ``angle_*`` (degrees, mean geodesic error of the local joint rotations vs the truth; ``ratio = before / value``):
@@ -35,7 +36,8 @@ import torch
 
 from tools.benchmarks.common import emit, parser, row
 
-TRAIN_CAMERAS = (0, 6, 12, 17)
+TRAIN_CAMERAS = (0, 6, 12, 17)  # the fusion's input views
+REFINE_CAMERAS = tuple(c for c in range(23) if c != 3)  # the refinement's views: every ring camera but the held-out one
 HELDOUT_CAMERA = 3
 FRAMES = (5, 17)
 MINOR = ("toe", "finger", "metacarpal", "eye")
@@ -71,15 +73,15 @@ def _predicted_fusion(sub, body, frame, cams, codec, fcfg, template):
         return fuse_views(preds, cams, sub.bone_transforms[frame], codec, fcfg, template), preds
 
 
-def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] | None = None,
+def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int] | None = None,
         pose_lr: float = 1e-2, start: str = "oracle") -> tuple[list[dict], list[str]]:
     from avatar.body import AnnyBody
     from avatar.data.synthetic import SyntheticConfig, make_subject, posed_vertices, render_frame
-    from avatar.fit.mesh_refine import MeshRefineConfig, MeshStage, RefineView, refine_mesh
+    from avatar.fit.mesh_refine import MeshRefineConfig, MeshStage, RefineView, refine_mesh, wrap_template
     from avatar.fusion import FusionConfig, body_template, fuse_views, mesh_quality, oracle_views
     from avatar.geometry.rotations import axis_angle_to_matrix, matrix_to_axis_angle
     from avatar.predict.skin_codes import load_skin_codec
-    from avatar.render.mesh import render_mesh
+    from avatar.render.mesh import render_mesh, vertex_normals
     from avatar.represent.avatar import initial_colors
     from avatar.skinning.lbs import lbs_points
     from avatar.types import BodyPose, Cameras
@@ -88,12 +90,14 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] |
     notes = []
     body = AnnyBody()
     res = 96 if quick else 128
-    cams_all = TRAIN_CAMERAS + (HELDOUT_CAMERA,)
+    cams_all = REFINE_CAMERAS + (HELDOUT_CAMERA,)
     cfg = SyntheticConfig(seed=3, motion="free", num_frames=max(FRAMES) + 1, width=res, height=res, rig="ring23",
                           cameras=cams_all, texture_size=256, shading=False)
     sub = make_subject(cfg, body)
-    C = len(TRAIN_CAMERAS)
-    train_cams = Cameras(sub.cameras.viewmats[:C], sub.cameras.Ks[:C], res, res)
+    C = len(REFINE_CAMERAS)
+    refine_cams = Cameras(sub.cameras.viewmats[:C], sub.cameras.Ks[:C], res, res)
+    fi = [REFINE_CAMERAS.index(c) for c in TRAIN_CAMERAS]
+    train_cams = Cameras(sub.cameras.viewmats[fi], sub.cameras.Ks[fi], res, res)
     held = Cameras(sub.cameras.viewmats[C:], sub.cameras.Ks[C:], res, res)
     gt_v, gt_f = sub.canonical_vertices, sub.faces
     weights = body.dense_skin_weights()
@@ -111,10 +115,13 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] |
             posed17 = posed_vertices(sub, body, 17)
             fused = fuse_views(oracle_views(posed17, gt_f, weights, train_cams, codec), train_cams,
                                sub.bone_transforms[17], codec, fcfg, template)
-    notes.append(f"starting mesh: {start} fusion (avatar.fusion), {fused.vertices.shape[0]} vertices, "
-                 f"{fused.faces.shape[0]} faces; the refinement sees "
-                 + ("the predicted front depth of frame 17 (frame 5: images and masks only)" if start == "predicted"
-                    else "the oracle depth maps"))
+    notes.append(f"fused mesh: {start} fusion (avatar.fusion) of frame 17 in cameras {TRAIN_CAMERAS}, "
+                 f"{fused.vertices.shape[0]} vertices, {fused.faces.shape[0]} faces; the refinement starts from the body "
+                 f"template wrapped onto it (wrap_template) and sees images and masks (no depth) of cameras "
+                 f"{REFINE_CAMERAS[0]}..{REFINE_CAMERAS[-1]} but {HELDOUT_CAMERA}, frames {FRAMES}")
+    offsets = wrap_template(template.vertices, template.faces, fused.vertices, fused.faces)
+    start_v = template.vertices + offsets[:, None] * vertex_normals(template.vertices, template.faces)
+    start_w = template.skin_weights.float()
 
     # views with perturbed poses (10 degrees per joint, random axes) and oracle depth
     g = torch.Generator().manual_seed(0)
@@ -127,25 +134,23 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] |
         noisy = matrix_to_axis_angle(axis_angle_to_matrix(axis * math.radians(pose_noise_deg)) @ axis_angle_to_matrix(rot))
         true_rot.append(rot)
         noisy_rot.append(noisy)
-        depth = None if predicted is not None else render_mesh(fr.vertices, gt_f, None, train_cams.viewmats,
-                                                               train_cams.Ks, res, res).depth
         for c in range(C):
-            views.append(RefineView(fr.images[c], fr.masks[c], Cameras(train_cams.viewmats[c], train_cams.Ks[c], res, res),
-                                    BodyPose(noisy, sub.motion.translation[f]), f,
-                                    depth=depth[c] if depth is not None else
-                                    predicted[f][c].depth_front if f in predicted else None))
+            views.append(RefineView(fr.images[c], fr.masks[c], Cameras(refine_cams.viewmats[c], refine_cams.Ks[c], res, res),
+                                    BodyPose(noisy, sub.motion.translation[f]), f))
         heldout.append(fr.images[C:])
     true_rot, noisy_rot = torch.stack(true_rot), torch.stack(noisy_rot)
     if steps is None:
-        steps = (8, 16, 6) if quick else (120, 60, 20)
-    mcfg = MeshRefineConfig(stages=(MeshStage(steps[0], vertices=False, lr_pose=pose_lr), MeshStage(steps[1]),
-                                    MeshStage(steps[2], lr_vertices=5e-4, lr_pose=2e-3)), progress=not quick)
+        steps = (10, 20) if quick else (40, 60)
+    mcfg = MeshRefineConfig(stages=(MeshStage(steps[0], vertices=False, lr_pose=pose_lr, scale=0.5),
+                                    MeshStage(steps[1], smooth=20.0, lr_vertices=1e-3, lr_pose=2e-3)),
+                            views_per_step=8, progress=not quick)
     t0 = time.perf_counter()
-    out = refine_mesh(fused, fused.skin_weights, views, body, mcfg, shape=sub.shape)
+    out = refine_mesh((start_v, template.faces), start_w, views, body, mcfg, shape=sub.shape)
     seconds = time.perf_counter() - t0
 
     q_t = mesh_quality(template.vertices, template.faces, gt_v, gt_f, seed=3)
     q_f = mesh_quality(fused.vertices, fused.faces, gt_v, gt_f, seed=3)
+    q_w = mesh_quality(start_v, template.faces, gt_v, gt_f, seed=3)
     q_r = mesh_quality(out.vertices, out.faces, gt_v, gt_f, seed=3)
 
     # novel view: held-out camera, both frames
@@ -173,6 +178,7 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, int, int] |
 
     rows = [row("chamfer_template", q_t.chamfer_mm, "mm", q_f.chamfer_mm),
             row(f"chamfer_fused_{start}", q_f.chamfer_mm, "mm", q_f.chamfer_mm),
+            row("chamfer_wrapped", q_w.chamfer_mm, "mm", q_f.chamfer_mm),
             row("chamfer_refined", q_r.chamfer_mm, "mm", q_f.chamfer_mm)]
     s0, s1 = sum(ps_start) / len(ps_start), sum(ps_ref) / len(ps_ref)
     for name, v in (("psnr_heldout_start", s0), ("psnr_heldout_refined", s1)):
@@ -197,14 +203,14 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--pose-noise-deg", type=float, default=10.0,
                    help="rotation added to every joint of the input poses (0: exact poses, shape only)")
-    p.add_argument("--steps", default=None, help="steps of the three stages (pose+colour, all, fine); default 120,60,20 (--quick: 8,16,6)")
+    p.add_argument("--steps", default=None, help="steps of the two stages (pose+colour at half size, all); default 40,60 (--quick: 10,20)")
     p.add_argument("--pose-lr", type=float, default=1e-2, help="learning rate of the joint angles in the first stage")
     p.add_argument("--start", choices=("oracle", "predicted"), default="oracle",
                    help="starting mesh: fusion of ground-truth layers, or of the shipped predictor's (fit_avatar --images)")
     args = p.parse_args()
     steps = None if args.steps is None else tuple(int(x) for x in args.steps.split(","))
-    if steps is not None and len(steps) != 3:
-        p.error(f"--steps must give 3 stage lengths, got {args.steps!r}")
+    if steps is not None and len(steps) != 2:
+        p.error(f"--steps must give 2 stage lengths, got {args.steps!r}")
     rows, notes = run(args.quick, args.pose_noise_deg, steps, args.pose_lr, args.start)
     emit(rows, args.json, "Mesh refinement: Chamfer vs the fused mesh, held-out PSNR, joint-angle correction",
          f"fused mesh ({args.start} input) for chamfer, start for PSNR and angles; chamfer/angle ratio = baseline / value")
