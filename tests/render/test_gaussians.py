@@ -59,12 +59,12 @@ def render_with_grads(scene, backend, background):
     return r, grads
 
 
-@pytest.mark.parametrize("seed,min_radius", [(0, 1e9), (1, 1e9), (0, 0.0), (1, 0.0)])
-def test_cpu_matches_torch_reference(cpu_backend, seed, min_radius, monkeypatch):
-    """Both CPU kernel families: per-pixel (min_radius huge) and 16-lane vectorized (min_radius 0)."""
+@pytest.mark.parametrize("seed,lanes", [(0, False), (1, False), (0, True), (1, True)])
+def test_cpu_matches_torch_reference(cpu_backend, seed, lanes, monkeypatch):
+    """Both CPU kernel families: per-pixel (any channel count) and 8-lane vectorized (RGB + depth)."""
     from avatar.render import gaussians_cpu
 
-    monkeypatch.setattr(gaussians_cpu, "VECTOR_MIN_RADIUS", min_radius)
+    monkeypatch.setattr(gaussians_cpu, "LANE_KERNELS", lanes)
     scene = make_scene(seed=seed)
     bg = torch.tensor([0.1, 0.2, 0.3])
     ref, g_ref = render_with_grads(scene, "torch", bg)
@@ -80,6 +80,44 @@ def test_cpu_matches_torch_reference(cpu_backend, seed, min_radius, monkeypatch)
         assert g is not None and g_cpu[name] is not None, name
         rel = (g_cpu[name] - g).norm() / g.norm()
         assert rel < 1e-2, f"{name}: relative gradient error {rel:.2e}"
+
+
+@pytest.mark.parametrize("lanes", [False, True])
+def test_cpu_matches_torch_on_saturated_partial_tiles(cpu_backend, lanes, monkeypatch):
+    """A dense, nearly opaque scene on an image whose size is no multiple of the 16x16 tile: many pixels reach the
+    transmittance floor (gsplat's early stop, the lane kernels' finished-lane bookkeeping) and the right and bottom
+    tiles are partial. Both kernel families against the reference, values and gradients."""
+    from avatar.render import gaussians_cpu
+
+    monkeypatch.setattr(gaussians_cpu, "LANE_KERNELS", lanes)
+    scene = make_scene(n=1500, width=70, height=45, seed=6)
+    scene["opacities"] = 0.9 + 0.09 * torch.rand(1500, generator=torch.Generator().manual_seed(2))
+    scene["means"] = scene["means"] * 0.6
+    scene["scales"] = scene["scales"] * 3.0
+    bg = torch.tensor([0.3, 0.1, 0.2])
+    ref, g_ref = render_with_grads(scene, "torch", bg)
+    cpu, g_cpu = render_with_grads(scene, cpu_backend, bg)
+    assert (ref.alphas > 1 - 3e-4).float().mean() > 0.2  # many pixels stopped near the transmittance floor 1e-4
+    for name in ("colors", "alphas", "depths"):
+        diff = (getattr(cpu, name) - getattr(ref, name)).abs()
+        assert diff.mean() < 1e-4 and diff.max() < 2e-2, name
+    for name, g in g_ref.items():
+        rel = (g_cpu[name] - g).norm() / g.norm()
+        assert rel < 1e-2, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_cpu_no_grad_render_matches(cpu_backend):
+    """A render under ``torch.no_grad`` (binning without the gradient slots) gives the images of a render that records
+    the graph, bit for bit."""
+    s = make_scene(seed=8)
+    bg = torch.tensor([0.1, 0.2, 0.3])
+    with torch.no_grad():
+        plain = rasterize_gaussians(**s, background=bg, backend="cpu")
+    means = s["means"].clone().requires_grad_(True)
+    graph = rasterize_gaussians(**{**s, "means": means}, background=bg, backend="cpu")
+    assert graph.colors.requires_grad and not plain.colors.requires_grad
+    for name in ("colors", "alphas", "depths"):
+        assert torch.equal(getattr(plain, name), getattr(graph, name).detach()), name
 
 
 def test_projection_matches_gsplat_torch_impl(cpu_backend):

@@ -6,9 +6,11 @@ median milliseconds per call; ``fwd+bwd`` includes the backward to all Gaussian 
 reference (``backend="torch"``) timed in the same process (fewer repetitions for the large cases).
 
 The machine's 1-minute load average is reported before and after (the benchmark machine is shared; compare
-ratios, which are measured in the same process, rather than absolute times across runs). ``--stages`` adds one row
-per stage of the CPU backend (projection, sort + binning, compositing forward and backward, slot reduction,
-projection backward), timed by calling its kernels directly; the rest of a call is glue.
+ratios, which are measured in the same process, rather than absolute times across runs); for the two target cases,
+``process time`` rows give the median CPU time of a call summed over its threads, which other processes change
+little (run with ``OMP_WAIT_POLICY=passive``; on two idle cores the wall time is about half of it plus the serial
+glue). ``--stages`` adds one row per stage of the CPU backend (projection, sort + binning, compositing forward and
+backward, slot reduction, projection backward), timed by calling its kernels directly; the rest of a call is glue.
 
     python tools/benchmarks/bench_raster.py [--quick] [--json] [--stages]
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -85,6 +89,9 @@ def main() -> None:
         rows.append(row(f"cpu fwd+bwd {name}", cpu_t[1], "ms", ref_t[1]))
         if n == 50_000 and size == 512:
             rows.append(row(f"cpu fwd {name} fps", 1000.0 / cpu_t[0], "fps", None))
+        if (n, size) in ((10_000, 256), (50_000, 512)):  # the work itself, whatever else runs on the machine
+            rows.append(row(f"cpu fwd {name} process time", median_cpu_ms(cpu_fwd, reps), "ms cpu", None))
+            rows.append(row(f"cpu fwd+bwd {name} process time", median_cpu_ms(cpu_fb, reps), "ms cpu", None))
         if args.stages and size * size * n in (10_000 * 256 * 256, 50_000 * 512 * 512):
             rows.extend(stage_rows(params, vm, K, size, name, reps))
     rows.extend(mesh_rows(5 if args.quick else 20))
@@ -92,6 +99,19 @@ def main() -> None:
     rows.append(row("load average (1 min) at end", os.getloadavg()[0], "load", None))
     emit(rows, args.json, __doc__.splitlines()[0],
          "torch reference backend (same process); mesh rows: the Pillow painter's-algorithm preview of the same mesh")
+
+
+def median_cpu_ms(fn, repeats: int, warmup: int = 2) -> float:
+    """Median process CPU time (all threads) per call in milliseconds: the work a call does, which the load of a
+    shared machine changes little (with ``OMP_WAIT_POLICY=passive``, idle threads add none), unlike wall time."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1000.0)
+    return statistics.median(times)
 
 
 def stage_rows(params, vm, K, size: int, name: str, reps: int) -> list[dict]:
@@ -113,11 +133,12 @@ def stage_rows(params, vm, K, size: int, name: str, reps: int) -> list[dict]:
         k["project_fwd"](*a64, float(W), float(W), NEAR, FAR, EPS2D, ALPHA_MIN, EXTEND_MAX, m2d, con, dep, rad)
 
     project()
-    valid = (rad != 0).any(-1)
+    key, nvalid = np.empty((C, N), np.float32), np.empty(C, np.int64)
 
     def sort_bin():
-        order = np.argsort(np.where(valid, dep, np.float32(np.inf)), axis=1).astype(np.int64)
-        return k["bin_tiles"](m2d, rad, order, valid.sum(1).astype(np.int64), tw, tw, G.TILE_W, G.TILE_H)
+        k["depth_keys"](rad, dep, key, nvalid)
+        order = np.argsort(key, axis=1).astype(np.int64, copy=False)
+        return k["bin_tiles"](m2d, rad, order, nvalid, tw, tw, G.TILE_W, G.TILE_H, True)  # with the slots
 
     offsets, gids, gstart, slots = sort_bin()
     ft = np.concatenate([colors.numpy()[None], dep[..., None]], -1).astype(np.float32)
@@ -125,13 +146,15 @@ def stage_rows(params, vm, K, size: int, name: str, reps: int) -> list[dict]:
     out, zimg = np.empty((C, W, W, 3), np.float32), np.empty((C, W, W), np.float32)
     alphas, tfinal = np.empty((C, W, W), np.float32), np.empty((C, W, W), np.float32)
     ncon = np.empty((C, W, W), np.int32)
-    vec = float(rad[valid].mean()) >= G.VECTOR_MIN_RADIUS
+    lanes = G.LANE_KERNELS  # what the glue runs for RGB + depth
     amin, tmin = np.float32(ALPHA_MIN), np.float32(T_MIN)
+    boxes = np.empty((C, N, 3), np.float32)  # ellipse box of each Gaussian, computed by the forward (as in the glue)
 
     def fwd():
-        if vec:
-            k["raster_fwd4"](m2d, con, op, ft, offsets, gids, W, W, tw, tw, amin, ALPHA_MAX, tmin, bg, out, zimg,
-                             alphas, tfinal, ncon)
+        if lanes:
+            k["ellipse_boxes"](con, op, amin, boxes)
+            k["raster_fwd4"](m2d, con, op, ft, boxes, offsets, gids, W, W, tw, tw, amin, ALPHA_MAX, tmin, bg, out,
+                             zimg, alphas, tfinal, ncon)
         else:
             k["raster_fwd"](m2d, con, op, ft, offsets, gids, W, W, tw, tw, G.TILE_W, G.TILE_H, amin, ALPHA_MAX, tmin,
                             bg, out, zimg, alphas, tfinal, ncon)
@@ -139,11 +162,14 @@ def stage_rows(params, vm, K, size: int, name: str, reps: int) -> list[dict]:
     fwd()
     g_out, g_one = np.ones((C, W, W, 3), np.float32), np.ones((C, W, W), np.float32)
     gslot = np.zeros((len(gids), 10), np.float32)
-    bwd_kernel = k["raster_bwd_vec"] if vec else k["raster_bwd"]
 
     def bwd():
-        bwd_kernel(m2d, con, op, ft, offsets, gids, W, W, tw, tw, G.TILE_W, G.TILE_H, amin, ALPHA_MAX, bg, tfinal,
-                   ncon, g_out, g_one, g_one, gslot)
+        if lanes:
+            k["raster_bwd4"](m2d, con, op, ft, boxes, offsets, gids, W, W, tw, tw, amin, ALPHA_MAX, bg, tfinal, ncon,
+                             g_out, g_one, g_one, gslot)
+        else:
+            k["raster_bwd"](m2d, con, op, ft, offsets, gids, W, W, tw, tw, G.TILE_W, G.TILE_H, amin, ALPHA_MAX, bg,
+                            tfinal, ncon, g_out, g_one, g_one, gslot)
 
     g_m2d, g_con = np.empty((C, N, 2), np.float32), np.empty((C, N, 3), np.float32)
     g_op, g_ft = np.empty((C, N), np.float32), np.empty((C, N, 4), np.float32)
@@ -157,7 +183,7 @@ def stage_rows(params, vm, K, size: int, name: str, reps: int) -> list[dict]:
     def project_bwd():
         k["project_bwd"](a64[0], a64[1], a64[2], a64[4], a64[5], float(W), float(W), EPS2D, rad, g2, g3, g1, gm, gq, gs)
 
-    kind = "16-lane" if vec else "per-pixel"
+    kind = "8-lane" if lanes else "per-pixel"
     return [row(f"  stage {label} {name}", median_ms(f, reps), "ms", None) for label, f in (
         ("projection", project), ("sort+binning", sort_bin), (f"composite fwd ({kind})", fwd),
         (f"composite bwd ({kind})", bwd), ("slot reduce", reduce), ("projection bwd", project_bwd))]
@@ -165,8 +191,6 @@ def stage_rows(params, vm, K, size: int, name: str, reps: int) -> list[dict]:
 
 def mesh_rows(reps: int) -> list[dict]:
     """The mesh rasterizer on the anny body (27,420 faces) at 512x512, camera 3 m away, body filling the height."""
-    import numpy as np
-
     from avatar.body import AnnyBody
     from avatar.geometry import intrinsics_from_fov, look_at
     from avatar.render import rasterize, rasterize_visibility, render_mesh, render_mesh_preview
