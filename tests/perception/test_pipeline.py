@@ -154,3 +154,25 @@ def test_real_video_cyclist(body, tmp_path):
             m = fr.mask > 0.5
             ious.append(float((sil & m).sum() / (sil | m).sum()))
     assert np.mean(ious) > 0.6, ious
+
+
+def test_fit_avatar_video_end_to_end(clip, tmp_path):
+    """fit_avatar --video: perception, a short fit, evaluation and export, then --resume reuses the subject."""
+    path, subject, _ = clip
+    out = tmp_path / "fit"
+    cmd = [sys.executable, str(ROOT / "tools" / "fit_avatar.py"), "--video", str(path), "--out", str(out),
+           "--focal", str(float(subject.cameras.Ks[0, 0, 0])), "--steps", "20", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["video"]["frames_kept"] == 12 and summary["config"]["pose_refine"] is True
+    assert 0.0 < summary["video"]["mask_iou"]["mean"] <= 1.0
+    assert "novel_pose" in summary["metrics"]
+    for name in ("canonical.ply", "posed.ply", "motion.mp4", "avatar", "subject/person/perception.json"):
+        assert (out / name).exists(), name
+    sys.path.insert(0, str(ROOT))
+    from tools.fit_avatar import FitAvatarArgs, prepare_video
+
+    folder, proto, report = prepare_video(FitAvatarArgs(video=path, out=out, resume=True, progress=False))
+    assert folder == out / "subject" / "person" and report["frames_kept"] == 12  # --resume reuses the subject
+    assert proto.select("novel_pose", 12, 1)[0] == (10, 11)
