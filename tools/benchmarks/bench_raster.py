@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
-import time
 
 import numpy as np
 import torch
 
-from tools.benchmarks.common import emit, median_ms, parser, row
+from tools.benchmarks.common import emit, median_cpu_ms, median_ms, parser, row
 
 
 def make_scene(n: int, size: int, seed: int = 0):
@@ -99,19 +97,6 @@ def main() -> None:
     rows.append(row("load average (1 min) at end", os.getloadavg()[0], "load", None))
     emit(rows, args.json, __doc__.splitlines()[0],
          "torch reference backend (same process); mesh rows: the Pillow painter's-algorithm preview of the same mesh")
-
-
-def median_cpu_ms(fn, repeats: int, warmup: int = 2) -> float:
-    """Median process CPU time (all threads) per call in milliseconds: the work a call does, which the load of a
-    shared machine changes little (with ``OMP_WAIT_POLICY=passive``, idle threads add none), unlike wall time."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append((time.process_time() - start) * 1000.0)
-    return statistics.median(times)
 
 
 def stage_rows(params, vm, K, size: int, name: str, reps: int) -> list[dict]:

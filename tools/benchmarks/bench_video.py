@@ -23,7 +23,6 @@ Measured:
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -70,12 +69,11 @@ def main() -> None:
         args.seconds = min(args.seconds, 2.4)
 
     from avatar.body import AnnyBody
-    from avatar.data import AvatarDataset, SyntheticConfig, make_subject, render_frame
-    from avatar.data.frames import Frame
+    from avatar.data import SyntheticConfig, make_subject, render_frame
     from avatar.export.video import write_video
     from avatar.perception.bodyfit import BodyFitConfig
     from avatar.perception.pipeline import VideoConfig, video_protocol, video_to_subject
-    from avatar.types import BodyPose, Cameras
+    from avatar.types import BodyPose
 
     body = AnnyBody()
     tmp = None

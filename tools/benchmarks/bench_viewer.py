@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from tools.benchmarks.common import emit, median_ms, parser, row
+from tools.benchmarks.common import emit, median_cpu_ms, median_ms, parser, row
 
 
 def synthetic_avatar(body, n: int, seed: int = 0):
@@ -46,19 +46,6 @@ def viser_packing(centers, covariances, rgbs, opacities) -> np.ndarray:
                            np.zeros((n, 4), dtype=np.uint8),
                            np.ascontiguousarray(cov_triu, dtype=np.float16).view(np.uint8),
                            colors_to_uint8(rgbs), colors_to_uint8(opacities)], axis=-1).view(np.uint32)
-
-
-def median_cpu_ms(fn, repeats: int) -> float:
-    """Median process CPU time (all threads) per call, ms: what a call costs on an idle machine's cores, robust to
-    other processes competing for them (wall-clock medians are not)."""
-    import statistics
-
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append((time.process_time() - start) * 1000.0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -31,6 +31,19 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def median_cpu_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median process CPU time (all threads) per call in milliseconds: the work a call does, which the load of a
+    shared machine changes little (with ``OMP_WAIT_POLICY=passive``, idle threads add none), unlike wall time."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1000.0)
+    return statistics.median(times)
+
+
 def row(name: str, value: float, unit: str, baseline: float | None) -> dict:
     ratio = None if baseline is None or value == 0 else baseline / value
     return {"name": name, "value": round(value, 4), "unit": unit, "baseline": None if baseline is None else round(baseline, 4),
