@@ -9,9 +9,10 @@ masks and, where given, predicted depth and normals. The unknowns are
 - per-vertex offsets of the canonical mesh (regularized by a Laplacian of the offsets and the normal consistency of
   adjacent faces, so the surface moves as a smooth sheet and keeps its detail),
 - per-vertex colours (logits, ``sigmoid`` -> RGB),
-- per frame, joint angles and root transform as additive axis-angle / translation deltas on the input pose
-  (``avatar.fit.pose_refine.PoseRefiner``): a pose error of the input is then corrected instead of being baked into
-  the shape as a smear.
+- per frame, one world-axis rotation per anatomical joint (:func:`joint_groups`: twin bones of one segment share
+  it, :func:`apply_joint_deltas`) and a root translation delta (the table is an ``avatar.fit.pose_refine.PoseRefiner``
+  with one row per joint): a pose error of the input is then corrected instead of being baked into the shape as a
+  smear.
 
 The shape signal from the masks is the rim term (:func:`mask_sdf`, :func:`rim_vertices`, :func:`rim_loss`): the
 rendered outer-silhouette vertices against the signed distance of the mask boundary (the soft-silhouette L2 is
@@ -33,6 +34,7 @@ rasterizer, body models and pose table anyway.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +47,12 @@ from torch import Tensor, nn
 from avatar.fit.pose_refine import PoseRefiner
 from avatar.render.mesh import MeshRenderOutput, render_mesh
 from avatar.geometry.projection import project_points
+from avatar.geometry.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from avatar.skinning.lbs import lbs_points
 from avatar.types import BodyPose, Cameras
 
 __all__ = [
-    "MeshRefineConfig", "MeshStage", "RefineView", "RefinedMesh", "SmoothSolver", "UniformAdam", "face_adjacency",
+    "MINOR_BONES", "MeshRefineConfig", "MeshStage", "apply_joint_deltas", "joint_groups", "joint_rotations", "RefineView", "RefinedMesh", "SmoothSolver", "UniformAdam", "face_adjacency",
     "image_losses", "laplacian_loss", "mask_sdf", "mesh_edges", "rim_loss", "rim_vertices", "smoothing_matrix", "normal_consistency_loss", "refine_mesh", "subdivide_mesh", "uniform_laplacian", "wrap_template",
 ]
 
@@ -302,6 +305,99 @@ def wrap_template(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# joint-angle parameterization: one rotation per anatomical joint
+
+
+MINOR_BONES = ("finger", "metacarpal", "toe", "eye")
+"""Substrings of bone names (anny) whose rotations the refinement keeps at the input by default: fingers, toes and
+eyes drive a few pixels of geometry at the image sizes this project fits, so they cannot be recovered from images."""
+
+
+def _twin_key(name: str) -> str:
+    """``upperarm01.L`` -> ``upperarm.L``, ``spine05`` -> ``spine``: a bone name without its two-digit segment
+    counter (anny splits a limb or the spine into numbered bones of one anatomical segment)."""
+    return re.sub(r"\d\d(?=(\.[LR])?$)", "", name)
+
+
+def joint_groups(bone_names: Sequence[str], bone_parents: Sequence[int], exclude: Sequence[str] = MINOR_BONES,
+                 merge_twins: bool = True) -> tuple[tuple[int, ...], ...]:
+    """Bone groups that share one pose correction, each ordered from the chain's root to its tip.
+
+    With ``merge_twins``, bones whose names differ only in a two-digit counter (``upperarm01/02.L``,
+    ``spine05..01``, ``neck01..03``) and that form one parent chain are one group (an anatomical joint: images
+    constrain the product of the chain's rotations, not how it splits); every other bone is its own group. Bones
+    whose names contain one of ``exclude`` belong to no group (their rotations stay at the input)."""
+    if len(bone_names) != len(bone_parents):
+        raise ValueError(f"joint_groups: {len(bone_names)} names but {len(bone_parents)} parents")
+    keep = [j for j, n in enumerate(bone_names) if not any(e in n for e in exclude)]
+    by_key: dict[str, list[int]] = {}
+    for j in keep:
+        by_key.setdefault(_twin_key(bone_names[j]) if merge_twins else f"#{j}", []).append(j)
+    groups = []
+    for members in by_key.values():
+        ms = set(members)
+        heads = [j for j in members if bone_parents[j] not in ms]
+        chain = [heads[0]] if len(heads) == 1 else []
+        while chain:
+            nxt = [j for j in members if bone_parents[j] == chain[-1]]
+            if len(nxt) != 1:
+                break
+            chain.append(nxt[0])
+        if len(chain) == len(members):
+            groups.append(tuple(chain))
+        else:  # not one chain: no merging
+            groups.extend((j,) for j in members)
+    return tuple(sorted(groups))
+
+
+def apply_joint_deltas(rotations: Tensor, deltas: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
+    """Bone rotations ``[..., J, 3]`` (axis-angle, world axes about each head; see ``avatar.body``) corrected by one
+    world-axis rotation per group, ``deltas [..., K, 3]`` (axis-angle, ``K = len(groups)``); bones in no group keep
+    their rotation.
+
+    A group ``b_1 .. b_n`` (a chain, root first) with input rotations ``R_1 .. R_n`` and partial products
+    ``P_k = R_1 .. R_k`` gets ``R_k' = (P_{k-1}^T D^{1/n} P_{k-1}) R_k``, ``D = exp(delta)``: then
+    ``P_k' = D^{k/n} P_k``, i.e. the chain's product turns by exactly ``D`` and each bone in it by an even share
+    (the split stays as the input's). For a single bone this is ``R' = D R``."""
+    if rotations.shape[-1] != 3 or deltas.shape[-1] != 3 or deltas.shape[-2] != len(groups):
+        raise ValueError(f"apply_joint_deltas: rotations must be [..., J, 3] and deltas [..., {len(groups)}, 3], got "
+                         f"{tuple(rotations.shape)}, {tuple(deltas.shape)}")
+    bones, gid, frac, conj = [], [], [], []
+    R = axis_angle_to_matrix(rotations.detach())  # [..., J, 3, 3]
+    eye = torch.eye(3, dtype=R.dtype, device=R.device).expand(*R.shape[:-3], 3, 3)
+    for g, chain in enumerate(groups):
+        P = eye
+        for b in chain:
+            bones.append(b)
+            gid.append(g)
+            frac.append(1.0 / len(chain))
+            conj.append(P)
+            P = P @ R[..., b, :, :]
+    if not bones:
+        return rotations
+    dev = rotations.device
+    bones_t = torch.tensor(bones, device=dev)
+    Pt = torch.stack(conj, -3)  # [..., M, 3, 3]
+    d = deltas[..., torch.tensor(gid, device=dev), :] * torch.tensor(frac, device=dev, dtype=deltas.dtype)[:, None]
+    local = (Pt.transpose(-1, -2).to(d.dtype) @ d[..., None])[..., 0]  # [..., M, 3]: P^T exp(d) P = exp(P^T d)
+    new = matrix_to_axis_angle(axis_angle_to_matrix(local) @ axis_angle_to_matrix(rotations[..., bones_t, :]))
+    return rotations.index_copy(-2, bones_t, new.to(rotations.dtype))
+
+
+def joint_rotations(rotations: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
+    """The composed rotation of every group's chain ``[..., K, 3, 3]`` (``R_1 .. R_n``) from bone rotations
+    ``[..., J, 3]``: what images determine of a chain of twin bones, and the quantity to compare with a truth."""
+    R = axis_angle_to_matrix(rotations)
+    out = []
+    for chain in groups:
+        P = R[..., chain[0], :, :]
+        for b in chain[1:]:
+            P = P @ R[..., b, :, :]
+        out.append(P)
+    return torch.stack(out, -3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # views and image losses
 
 
@@ -473,6 +569,12 @@ class MeshStage:
     scale: float = 1.0
     """Render and compare at this fraction of the image size (``1 / k`` for an integer ``k``; targets are
     area-downsampled): a coarse-to-fine image pyramid."""
+    w_silhouette: float | None = None
+    """This stage's weight of the soft-silhouette term (None: ``MeshRefineConfig.w_silhouette``). A pose-only stage
+    (shape frozen, so the term cannot inflate the surface) gains from it: it sees every boundary pixel, with a wider
+    basin than the rim term (measured, see design.md)."""
+    w_rim: float | None = None
+    """This stage's weight of the rim term (None: ``MeshRefineConfig.w_rim``)."""
 
 
 @dataclass(frozen=True)
@@ -480,11 +582,12 @@ class MeshRefineConfig:
     """Refinement of a canonical mesh against posed views (see the module docstring)."""
 
     stages: tuple[MeshStage, ...] = (
-        MeshStage(steps=40, vertices=False, lr_pose=1e-2, scale=0.5),
+        MeshStage(steps=40, vertices=False, lr_pose=1e-2, scale=0.5, w_silhouette=1.0, w_rim=0.0),
         MeshStage(steps=60, smooth=20.0, lr_vertices=1e-3, lr_pose=2e-3),
     )
-    """The stages, in order: by default pose and colour first on half-size images (the shape stays), then shape
-    (smooth "large steps" parameterization), pose and colour together at full size."""
+    """The stages, in order: by default pose and colour first on half-size images against the soft silhouette (the
+    shape stays), then shape (smooth "large steps" parameterization, rim term), pose and colour together at full
+    size."""
     w_photo: float = 1.0
     """Weight of the L1 colour term."""
     w_silhouette: float = 0.0
@@ -506,6 +609,12 @@ class MeshRefineConfig:
     only the displacement), so it is off by default; the smooth parameterization keeps the surface regular."""
     w_pose_prior: float = 1e-4
     """Weight of the L2 prior of the pose deltas towards the input pose (small: the input may be off by degrees)."""
+    merge_twin_bones: bool = True
+    """One pose correction per anatomical joint (:func:`joint_groups`): twin bones of one segment (anny's
+    ``upperarm01/02``, ``spine05..01``, ``neck01..03``) share it, split evenly (:func:`apply_joint_deltas`), so the
+    unknowns are what the images determine. False: one correction per bone."""
+    pose_exclude: tuple[str, ...] = MINOR_BONES
+    """Bones whose names contain one of these keep the input rotation (default: fingers, toes, eyes)."""
     views_per_step: int = 0
     """Views rendered per step (a random subset, seeded); 0 = all views every step."""
     max_faces: int = 200_000
@@ -534,7 +643,9 @@ class MeshRefineConfig:
                 raise ValueError(f"MeshRefineConfig.stages[{i}] must be a MeshStage, got {type(s).__name__}")
             if s.steps < 0:
                 raise ValueError(f"MeshRefineConfig.stages[{i}].steps must be >= 0, got {s.steps}")
-            for name in ("lr_vertices", "lr_colors", "lr_pose", "smooth"):
+            for name in ("lr_vertices", "lr_colors", "lr_pose", "smooth", "w_silhouette", "w_rim"):
+                if getattr(s, name) is None and name.startswith("w_"):
+                    continue
                 if not (getattr(s, name) >= 0 and math.isfinite(getattr(s, name))):
                     raise ValueError(f"MeshRefineConfig.stages[{i}].{name} must be a finite value >= 0, got {getattr(s, name)}")
             k = 1.0 / s.scale if s.scale > 0 else float("inf")
@@ -757,12 +868,15 @@ def refine_mesh(canonical_mesh, skin_weights: Tensor, views: Sequence[RefineView
     input_rot = torch.stack([first[f].rotations for f in frame_ids]).to(dev, dt)  # [N, J, 3]
     input_trans = torch.stack([first[f].translation for f in frame_ids]).to(dev, dt)  # [N, 3]
     row = torch.tensor([frame_ids.index(int(v.frame_id)) for v in views], device=dev)  # [C]
-    refiner = PoseRefiner(frame_ids, J).to(dev)
+    joints = joint_groups(body.bone_names, body.bone_parents, cfg.pose_exclude, cfg.merge_twin_bones)
+    if not joints:
+        raise ValueError(f"refine_mesh: cfg.pose_exclude {cfg.pose_exclude!r} leaves no bone of {body.name} to correct")
+    refiner = PoseRefiner(frame_ids, len(joints)).to(dev)
     weights = skin_weights.to(dev, dt)
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
 
     def transforms_now() -> Tensor:  # [N, J, 4, 4] for the corrected poses of every frame
-        pose = BodyPose(input_rot + refiner.rot_deltas, input_trans + refiner.trans_deltas)
+        pose = BodyPose(apply_joint_deltas(input_rot, refiner.rot_deltas, joints), input_trans + refiner.trans_deltas)
         T, _ = body.bone_transforms(pose, shape)
         return T.to(dt)
 
@@ -776,7 +890,7 @@ def refine_mesh(canonical_mesh, skin_weights: Tensor, views: Sequence[RefineView
             raise ValueError(f"refine_mesh: colors must be [{vertices.shape[0]}, 3], got {tuple(colors.shape)}")
         col = colors.to(dev, dt)
     model = MeshModel(vertices.to(dt), faces, col, weights, refiner)
-    sdf = mask_sdf(masks) if cfg.w_rim > 0 else None  # [C, H, W]
+    sdf = mask_sdf(masks) if cfg.w_rim > 0 or any(s.w_rim for s in cfg.stages) else None  # [C, H, W]
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     total = sum(s.steps for s in cfg.stages)
@@ -796,6 +910,8 @@ def refine_mesh(canonical_mesh, skin_weights: Tensor, views: Sequence[RefineView
                 continue
             k = int(round(1.0 / stage.scale))
             h, w = H // k, W // k
+            w_sil = cfg.w_silhouette if stage.w_silhouette is None else stage.w_silhouette
+            w_rim = cfg.w_rim if stage.w_rim is None else stage.w_rim
             imgs_s, masks_s, Ks_s = _pyramid_level(images, masks, Ks, k)
             depths_s = None if depths is None or k > 1 else depths
             normals_s = None if normals is None or k > 1 else normals
@@ -816,7 +932,7 @@ def refine_mesh(canonical_mesh, skin_weights: Tensor, views: Sequence[RefineView
                 terms = image_losses(out, imgs_s[sel], masks_s[sel], None if depths_s is None else depths_s[sel],
                                      None if normals_s is None else normals_s[sel], cfg.depth_clip,
                                      cfg.silhouette_tolerance)
-                if cfg.w_rim > 0:
+                if w_rim > 0:
                     cam = posed @ viewmats[sel, :3, :3].transpose(-1, -2) + viewmats[sel, None, :3, 3]
                     pix = project_points(posed, viewmats[sel], Ks[sel])[0]  # full-resolution pixels
                     rim = rim_vertices(cam.detach(), model.faces, out, pix.detach() / k)
@@ -826,7 +942,7 @@ def refine_mesh(canonical_mesh, skin_weights: Tensor, views: Sequence[RefineView
                 terms["laplacian"] = laplacian_loss(verts, model.faces, model.base, model.edges)
                 terms["normal_consistency"] = normal_consistency_loss(verts, model.faces, model.adjacency)
                 terms["pose_prior"] = refiner.prior()
-                loss = (cfg.w_photo * terms["photo"] + cfg.w_silhouette * terms["silhouette"] + cfg.w_rim * terms["rim"]
+                loss = (cfg.w_photo * terms["photo"] + w_sil * terms["silhouette"] + w_rim * terms["rim"]
                         + cfg.w_depth * terms["depth"] + cfg.w_normal * terms["normal"]
                         + cfg.w_laplacian * terms["laplacian"] + cfg.w_normal_consistency * terms["normal_consistency"]
                         + cfg.w_pose_prior * terms["pose_prior"])
@@ -848,7 +964,7 @@ def refine_mesh(canonical_mesh, skin_weights: Tensor, views: Sequence[RefineView
         if bar is not None:
             bar.close()
     with torch.no_grad():
-        poses = BodyPose(input_rot + refiner.rot_deltas, input_trans + refiner.trans_deltas)
+        poses = BodyPose(apply_joint_deltas(input_rot, refiner.rot_deltas, joints), input_trans + refiner.trans_deltas)
         return RefinedMesh(vertices=model.vertices().detach().clone(), faces=model.faces.clone(),
                            colors=model.colors().detach().clone(), skin_weights=model.weights.clone(),
                            frame_ids=tuple(frame_ids), poses=BodyPose(poses.rotations.detach().clone(),

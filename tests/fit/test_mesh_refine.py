@@ -373,3 +373,49 @@ def test_rim_refinement_keeps_the_true_shape(toy):
     cfg = MeshRefineConfig(stages=(MeshStage(steps=15, pose=False, smooth=5.0, lr_vertices=1e-3),), progress=False)
     out = refine_mesh((v0, toy.faces), toy.dense_skin_weights(), views, toy, cfg, colors=col)
     assert _chamfer(out.vertices, v0) < 2e-3, _chamfer(out.vertices, v0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one pose correction per anatomical joint
+
+
+def test_joint_groups_merge_twin_chains_and_skip_minor_bones():
+    from avatar.fit.mesh_refine import joint_groups
+
+    names = ("root", "spine02", "spine01", "upperarm01.L", "upperarm02.L", "wrist.L", "finger1-1.L", "neck01", "eye.L")
+    parents = (-1, 0, 1, 2, 3, 4, 5, 2, 7)
+    groups = joint_groups(names, parents)
+    assert set(groups) == {(0,), (1, 2), (3, 4), (5,), (7,)}  # root first in each chain, fingers and eyes dropped
+    assert set(joint_groups(names, parents, merge_twins=False)) == {(0,), (1,), (2,), (3,), (4,), (5,), (7,)}
+    # twins that are not one parent chain stay separate
+    assert set(joint_groups(("a01", "a02", "b"), (-1, -1, 0), exclude=())) == {(0,), (1,), (2,)}
+    with pytest.raises(ValueError, match="parents"):
+        joint_groups(names, parents[:-1])
+
+
+def test_apply_joint_deltas_turns_each_chain_product_by_the_delta():
+    from avatar.fit.mesh_refine import apply_joint_deltas, joint_rotations
+    from avatar.geometry.rotations import matrix_to_axis_angle
+
+    g = torch.Generator().manual_seed(0)
+    rot = 0.5 * torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    groups = ((0,), (1, 2, 3), (4, 5))
+    d = 0.3 * torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    out = apply_joint_deltas(rot, d, groups)
+    D = axis_angle_to_matrix(d)
+    # every chain's product turns by exactly D (left, in the chain's parent frame)
+    torch.testing.assert_close(joint_rotations(out, groups), D @ joint_rotations(rot, groups))
+    # a single bone: R' = D R; and each twin of a chain gets an even share: P_1' = D^(1/3) P_1
+    torch.testing.assert_close(axis_angle_to_matrix(out[:, 0]), D[:, 0] @ axis_angle_to_matrix(rot[:, 0]))
+    torch.testing.assert_close(axis_angle_to_matrix(out[:, 1]),
+                               axis_angle_to_matrix(d[:, 1] / 3) @ axis_angle_to_matrix(rot[:, 1]))
+    # zero deltas leave the pose; bones in no group keep theirs
+    torch.testing.assert_close(matrix_to_axis_angle(axis_angle_to_matrix(apply_joint_deltas(rot, torch.zeros_like(d), groups))),
+                               matrix_to_axis_angle(axis_angle_to_matrix(rot)))
+    out2 = apply_joint_deltas(rot, d[:, :2], groups[:2])
+    torch.testing.assert_close(out2[:, 4:], rot[:, 4:])
+    # differentiable in the deltas
+    dd = d.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: apply_joint_deltas(rot, x, groups), (dd,))
+    with pytest.raises(ValueError, match="deltas"):
+        apply_joint_deltas(rot, d[:, :2], groups)
