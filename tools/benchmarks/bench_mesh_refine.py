@@ -139,11 +139,9 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, ...] | None
     codec = load_skin_codec()
     template = body_template(body, sub.shape)
     fcfg = FusionConfig(voxel_size=0.012 if quick else 0.01)
-    predicted = None
     with torch.no_grad():
-        if start == "predicted":
-            fused, preds = _predicted_fusion(sub, body, 17, train_cams, codec, fcfg, template)
-            predicted = {17: preds}
+        if start == "predicted":  # the predicted depth is not a refinement target (biased; see avatar/fit/design.md)
+            fused, _ = _predicted_fusion(sub, body, 17, train_cams, codec, fcfg, template)
         else:
             posed17 = posed_vertices(sub, body, 17)
             fused = fuse_views(oracle_views(posed17, gt_f, weights, train_cams, codec), train_cams,
