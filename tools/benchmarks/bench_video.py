@@ -1,9 +1,9 @@
 """``fit_avatar --video`` on a synthetic subject with known poses: perception accuracy, CPU time per stage, and the
 avatar's novel-view PSNR against the same fit from the ground-truth poses.
 
-The subject (anny, clothed, textured, "free" motion) is rendered from the front camera of the 23-camera ring at
-1280x720 for ``--seconds`` seconds at 25 fps and encoded as an H.264 mp4 (a 10 s 720p clip by default). The video
-path runs on it exactly as ``fit_avatar --video`` does (decode + subsample to 100 frames + downscale to 540 px,
+The subject (anny, clothed, textured; ``--motion free``: limbs swinging, or ``turn``: a 360 degree turn in an
+A-pose) is rendered from the front camera of the 23-camera ring at 1280x720 for ``--seconds`` seconds at 25 fps and
+encoded as an H.264 mp4 (a 10 s 720p clip by default). The video path runs on it exactly as ``fit_avatar --video`` does (decode + subsample to 100 frames + downscale to 540 px,
 MediaPipe landmarks and masks, body fit), with the camera's true focal length (``--focal``, as a user who knows it).
 
 Measured:
@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="clip length (25 fps)")
     p.add_argument("--steps", type=int, default=1500, help="fitting steps of each avatar")
     p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--motion", choices=("free", "turn"), default="free",
+                   help="free: limbs swinging (ZJU-like); turn: a 360 degree turn in an A-pose (PeopleSnapshot-like)")
     p.add_argument("--out", type=Path, default=None, help="keep the outputs here (default: a temporary folder)")
     args = p.parse_args()
     if args.quick:
@@ -85,7 +87,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
     n = int(round(args.seconds * 25))
     W, H = 1280, 720
-    cfg = SyntheticConfig(seed=args.seed, motion="free", num_frames=n, width=W, height=H, rig="ring23", cameras=(0,),
+    cfg = SyntheticConfig(seed=args.seed, motion=args.motion, num_frames=n, width=W, height=H, rig="ring23", cameras=(0,),
                           shading=True)
     subject = make_subject(cfg, body)
     t0 = time.perf_counter()
@@ -149,7 +151,8 @@ def main() -> None:
     ]
     if not args.quick:
         rows += _avatar_rows(args, body, subject, made.folder, src, fit_shape, video_protocol)
-    emit(rows, args.json, f"fit_avatar --video on a synthetic {args.seconds:g} s {W}x{H} clip", "see rows")
+    emit(rows, args.json, f"fit_avatar --video on a synthetic {args.seconds:g} s {W}x{H} clip ({args.motion} motion)",
+         "see rows")
     if tmp is not None:
         tmp.cleanup()
 
