@@ -16,7 +16,9 @@ Measured:
   detected masks, one from the video poses and one from the true poses; their PSNR on three held-out ring cameras
   (novel views of the training frames) and on the held-out last 15 % of the frames (novel poses, seen by camera 0),
   and the difference. The video avatar lives in the camera frame of camera 0; it is rendered with the held-out
-  cameras expressed in that frame (``V_c V_0^-1``), nothing else is aligned.
+  cameras expressed in that frame (``V_c V_0^-1``); the "scaled" novel-view rows first scale it about camera 0's
+  centre by the least-squares factor that maps its hip centres onto the true ones (one view cannot tell size from
+  distance; camera 0's images are unchanged by that scale).
 
     python tools/benchmarks/bench_video.py [--quick] [--json] [--steps 1500] [--seconds 10]
 """
@@ -159,6 +161,8 @@ def main() -> None:
 
 def _avatar_rows(args, body, subject, folder, src, fit_shape, video_protocol):
     """Fit two avatars (video poses, true poses) on the same frames; PSNR on held-out cameras and poses."""
+    import dataclasses
+
     from avatar.data import AvatarDataset, SyntheticConfig, make_subject, render_frame
     from avatar.data.frames import Frame
     from avatar.eval.metrics import psnr
@@ -193,9 +197,19 @@ def _avatar_rows(args, body, subject, folder, src, fit_shape, video_protocol):
         results[name] = (res, time.perf_counter() - t0)
 
     n_train = len(video_train)
+    # one view cannot tell a body's size from its distance: the scale about camera 0's centre that best maps the
+    # fitted hip centres (camera 0's frame) onto the true ones; "scale-aligned" rows render the video avatar so scaled
+    # (camera 0's images do not change under it), as PA-MPJPE aligns scale
+    with torch.no_grad():
+        fit_hips = _joints(body, BodyPose(torch.stack([video_train[i].pose.rotations for i in range(n_train)]),
+                                          torch.stack([video_train[i].pose.translation for i in range(n_train)])),
+                           fit_shape)[:, :2].mean(1)
+        gt_hips = _joints(body, BodyPose(subject.motion.rotations[src[:n_train]], subject.motion.translation[src[:n_train]]),
+                          subject.shape)[:, :2].mean(1) @ V0[:3, :3].T + V0[:3, 3]
+        align = float((fit_hips * gt_hips).sum() / (fit_hips * fit_hips).sum())
     nv_idx = [round(k * (n_train - 1) / 5) for k in range(6)]
     np_idx = list(range(n_train, len(src), max(1, (len(src) - n_train) // 4)))
-    scores = {name: {"novel_view": [], "novel_pose": []} for name in results}
+    scores = {name: {"novel_view": [], "novel_pose": [], "novel_view_scaled": []} for name in results}
     with torch.no_grad():
         for i in nv_idx + np_idx:
             f = int(src[i])
@@ -218,8 +232,14 @@ def _avatar_rows(args, body, subject, folder, src, fit_shape, video_protocol):
                     cam = Cameras(eval_subject.cameras.viewmats[c] @ to_world, eval_subject.cameras.Ks[c], w, h)
                     img = render_gaussian_set(posed, cam, background=torch.zeros(3)).colors[0].clamp(0, 1)
                     scores[name][split].append(float(psnr(img, gt.images[c])))
-    rows = []
-    for split in ("novel_view", "novel_pose"):
+                    if split == "novel_view":
+                        k = align if name == "video poses" else 1.0
+                        scaled = dataclasses.replace(posed, means=posed.means * k, scales=posed.scales * k)
+                        img = render_gaussian_set(scaled, cam, background=torch.zeros(3)).colors[0].clamp(0, 1)
+                        scores[name]["novel_view_scaled"].append(float(psnr(img, gt.images[c])))
+    rows = [row("scale of the video fit's world (hip-centre least squares; 1 = right size and distance)", align, "",
+                None)]
+    for split in ("novel_view", "novel_view_scaled", "novel_pose"):
         v = float(np.mean(scores["video poses"][split]))
         t = float(np.mean(scores["true poses"][split]))
         rows.append(row(f"PSNR {split}, true-pose fit", t, "dB", None))
