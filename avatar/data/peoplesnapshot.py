@@ -180,10 +180,13 @@ def read_npz_poses(path: Path, info: BodyModelInfo, frames: tuple[int, ...] | No
 
 
 def _read_camera_pkl(path: Path) -> dict:
-    """``camera.pkl`` is a Python 2 pickle of numpy arrays (the dataset's own format, hence pickle)."""
+    """``camera.pkl`` is a Python 2 pickle of numpy arrays (the dataset's own format), read with
+    ``avatar.io.NumpyOnlyUnpickler``, which builds numpy arrays and plain containers and nothing else."""
+    from avatar.io import NumpyOnlyUnpickler
+
     try:
         with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
+            data = NumpyOnlyUnpickler(f, source=str(path)).load()
     except (OSError, pickle.UnpicklingError, EOFError) as err:
         raise ValueError(f"{path}: cannot read it as a PeopleSnapshot camera file ({err})") from err
     if not isinstance(data, dict):

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from avatar.predict.samples import SampleConfig, SampleSet, _FIELDS, _camera, concat_samples
+from avatar.io import NumpyOnlyUnpickler
 from avatar.types import BodyPose, Cameras
 
 __all__ = [
@@ -57,44 +58,7 @@ __all__ = [
 ]
 
 
-# --- restricted unpickling ----------------------------------------------------------------------------------------
-
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.numeric", "_frombuffer"),  # numpy's protocol-5 array reconstruction (bytes -> array)
-    ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # how Python 3 writes numpy's bytes at protocol 2; encodes a str, runs nothing else
-}
-
-
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """An unpickler that builds only plain Python containers/scalars and numpy arrays / scalars: ``find_class``
-    resolves nothing but numpy's array reconstruction globals (``_reconstruct``, ``_frombuffer``, ``scalar``, ``ndarray``, ``dtype``; and
-    ``_codecs.encode``, which protocol-2 pickles use for bytes) and raises ``pickle.UnpicklingError`` otherwise,
-    before anything is called."""
-
-    def __init__(self, file, source: str = "<pickle>") -> None:
-        super().__init__(file, encoding="latin1")  # latin1: numpy arrays pickled by Python 2
-        self._source = source
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            import importlib
-
-            try:
-                return getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):  # numpy 2 names numpy.core numpy._core, and vice versa
-                other = module.replace("numpy._core", "numpy.core") if "_core" in module else module.replace("numpy.core", "numpy._core")
-                return getattr(importlib.import_module(other), name)
-        raise pickle.UnpicklingError(
-            f"{self._source}: refusing to load the global {module}.{name}; fit files may only hold dicts of numpy "
-            "arrays (an arbitrary pickle can run code)"
-        )
+# restricted unpickling: avatar.io.NumpyOnlyUnpickler (re-exported here)
 
 
 def load_fit_params(path: str | Path) -> dict[str, np.ndarray]:
