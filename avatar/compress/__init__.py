@@ -15,9 +15,13 @@ from avatar.compress.avatar_codec import (
 from avatar.compress.distill import (
     SparseWeightField,
     WeightSupport,
+    codec_with_decoder,
     densify_weights,
     distill_codec_decoder,
     distill_weight_field,
+    load_compact_decoder,
+    save_compact_decoder,
+    shipped_decoder_path,
 )
 from avatar.compress.predictor import (
     CastPredictor,
@@ -64,6 +68,7 @@ __all__ = [
     "quantize_dynamic_int8", "quantize_per_channel_int8", "quantize_weight_only", "to_bfloat16",
     "load_compact", "save_compact",
     "SparseWeightField", "WeightSupport", "densify_weights", "distill_codec_decoder", "distill_weight_field",
+    "codec_with_decoder", "load_compact_decoder", "save_compact_decoder", "shipped_decoder_path",
     "CastPredictor", "distill_predictor", "load_compact_predictor", "prune_depthskin_channels",
     "quantize_predictor_weights", "save_compact_predictor",
 ]

@@ -133,3 +133,118 @@ def test_codec_decoder_distillation_approaches_the_dense_decoder(gen):
         distill_codec_decoder(codec, w, steps=1, positions=pos, transforms=T[:, :3])
     with pytest.raises(ValueError, match="train_weights"):
         distill_codec_decoder(codec, w[:, :5])
+
+
+def test_compact_decoder_file_round_trip_is_exact(gen, tmp_path):
+    from avatar.compress.distill import codec_with_decoder, load_compact_decoder, save_compact_decoder
+    from avatar.compress.quantize import dequantize_per_channel, quantize_per_channel_int8
+
+    codec = _codec()
+    w = torch.softmax(torch.randn(500, 8, generator=gen) * 3, -1)
+    small = distill_codec_decoder(codec, w, keep=0.5, steps=5, batch=64)
+    path = save_compact_decoder(tmp_path / "dec.safetensors", small, {"steps": 5, "note": "x"})
+    back = load_compact_decoder(path)
+    assert back.meta["steps"] == 5 and back.meta["widths"] == [3, 32, 64, 128, 64, 8]
+    assert not back.training
+    for (k, a), b in zip(small.state_dict().items(), back.state_dict().values()):
+        want = dequantize_per_channel(*quantize_per_channel_int8(a)) if a.ndim == 2 else a
+        assert torch.equal(b, want), k  # int8 weights exactly dequantize(quantize(w)), biases exact
+    codes = torch.rand(200, 3, generator=gen)
+    with torch.no_grad():
+        dec = codec_with_decoder(codec, back).decode(codes)
+        ref = codec_with_decoder(codec, small).decode(codes)
+    assert (dec - ref).abs().max() < 0.02
+    torch.testing.assert_close(dec.sum(-1), torch.ones(200), atol=1e-5, rtol=0)
+    assert codec.decoder is not back  # the original codec keeps its dense decoder
+    # smaller than the fp32 state dict by ~4x (int8 matrices + fp32 biases + header)
+    assert path.stat().st_size < 0.5 * 4 * sum(p.numel() for p in small.parameters())
+
+
+def test_codec_decoder_qat_gives_int8_exact_weights_and_beats_plain_rounding(gen, tmp_path):
+    from avatar.compress.distill import load_compact_decoder, save_compact_decoder
+    from avatar.compress.quantize import dequantize_per_channel, quantize_per_channel_int8
+
+    codec = _codec()
+    with torch.no_grad():
+        codec.decoder[-1].weight.mul_(8.0)
+    w = torch.softmax(torch.randn(2000, 8, generator=gen) * 3, -1)
+    with torch.no_grad():
+        codes = codec.encode(w)
+        ref = codec.decode(codes)
+    plain = distill_codec_decoder(codec, w, keep=0.25, steps=60, batch=256, code_noise=0.0)
+    qat = distill_codec_decoder(codec, w, keep=0.25, steps=0, batch=256, code_noise=0.0, qat_steps=60, qat_lr=1e-3,
+                                init=plain)
+    for lin in (m for m in qat if isinstance(m, torch.nn.Linear)):  # weights already on the int8 grid
+        torch.testing.assert_close(dequantize_per_channel(*quantize_per_channel_int8(lin.weight)), lin.weight,
+                                   atol=1e-6, rtol=0)
+
+    def err(dec):
+        back = load_compact_decoder(save_compact_decoder(tmp_path / "d.safetensors", dec))
+        with torch.no_grad():
+            return float((torch.softmax(back(codes), -1) - ref).abs().sum(-1).mean())
+
+    assert err(qat) < err(plain)
+    with pytest.raises(ValueError, match="qat_steps"):
+        distill_codec_decoder(codec, w, steps=1, qat_steps=-1)
+
+
+def test_compact_decoder_errors(tmp_path):
+    from avatar.compress.distill import load_compact_decoder, save_compact_decoder
+    from avatar.compress.storage import save_compact
+
+    with pytest.raises(TypeError, match="nn.Sequential of Linear"):
+        save_compact_decoder(tmp_path / "a.safetensors", torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+                                                                             torch.nn.Linear(4, 5)))
+    with pytest.raises(FileNotFoundError, match="no compact decoder"):
+        load_compact_decoder(tmp_path / "missing.safetensors")
+    save_compact(tmp_path / "other.safetensors", {"w": torch.zeros(2, 2)}, metadata={"format": "something"})
+    with pytest.raises(ValueError, match="not a compact skin decoder"):
+        load_compact_decoder(tmp_path / "other.safetensors")
+    save_compact_decoder(tmp_path / "d.safetensors", _codec().decoder)
+    from avatar.compress.storage import load_compact
+
+    t, meta = load_compact(tmp_path / "d.safetensors")
+    save_compact(tmp_path / "bad.safetensors", t, metadata={**meta, "widths": [3, 7, 8]})
+    with pytest.raises(ValueError, match="do not match the widths"):
+        load_compact_decoder(tmp_path / "bad.safetensors")
+
+
+def _shipped_decoder():
+    from avatar.compress.distill import shipped_decoder_path
+
+    return shipped_decoder_path("anny")
+
+
+@pytest.mark.skipif(not _shipped_decoder().is_file(), reason="data/compressed/skin_decoder_anny.safetensors not written")
+def test_shipped_compact_decoder_loads_and_matches_its_recorded_heldout_error(anny_body, monkeypatch):
+    """The shipped file (python -m tools.compress_decoder) loads without any training and reproduces the held-out
+    LBS error recorded in its metadata on the recorded held-out set; it is >= 4x smaller than the dense fp32 decoder."""
+    import avatar.compress.distill as distill
+    from avatar.compress.distill import codec_with_decoder, load_compact_decoder
+    from avatar.predict.skin_codes import evaluate_skin_codec, load_skin_codec, shipped_codec_path
+    from avatar.predict.train import file_sha256
+    from tools.compress_decoder import heldout_set
+
+    def no_training(*a, **k):
+        raise AssertionError("loading the shipped decoder must not train")
+
+    monkeypatch.setattr(distill, "distill_codec_decoder", no_training)
+    monkeypatch.setattr(torch.optim.Adam, "step", no_training)
+    dec = load_compact_decoder()
+    meta = dec.meta
+    codec = load_skin_codec()
+    assert meta["teacher"]["sha256"] == file_sha256(shipped_codec_path("anny"))  # distilled from the shipped codec
+    assert meta["command"].startswith("python -m tools.compress_decoder") and isinstance(meta["seed"], int)
+    assert meta["parameters"] == sum(p.numel() for p in dec.parameters())
+    dense_fp32_bytes = 4 * meta["teacher"]["parameters"]
+    assert _shipped_decoder().stat().st_size <= dense_fp32_bytes / 4
+    spec = meta["heldout"]
+    test, shapes = heldout_set(anny_body, spec)
+    ev = evaluate_skin_codec(codec_with_decoder(codec, dec), anny_body, test, shapes, spec["poses"], spec["pose_seed"])
+    rec = meta["val"]["student_int8_fp32"]
+    assert ev["lbs_error_mm_mean"] == pytest.approx(rec["lbs_error_mm_mean"], rel=1e-3, abs=1e-4)
+    assert ev["l1_mean"] == pytest.approx(rec["l1_mean"], rel=1e-3, abs=1e-4)
+    # and the recorded numbers are those of a useful decoder: close to the dense one, far from the undistilled prune
+    dense = meta["val"]["dense_fp32"]["lbs_error_mm_mean"]
+    assert rec["lbs_error_mm_mean"] < dense + 0.1
+    assert meta["val"]["pruned_no_distill"]["lbs_error_mm_mean"] > 10 * rec["lbs_error_mm_mean"]
