@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import roma
 import torch
 from torch import Tensor
 
@@ -172,15 +173,6 @@ def _project(P: Tensor, K: Tensor) -> Tensor:
     return uv * torch.stack([K[0, 0], K[1, 1]]) + torch.stack([K[0, 2], K[1, 2]])
 
 
-def _kabsch(src: Tensor, dst: Tensor, w: Tensor) -> Tensor:
-    """Rotation ``R`` minimizing ``sum w |R src - dst|^2`` (points already centred), ``[3, 3]``."""
-    H = (src * w[:, None]).T @ dst
-    U, _, Vt = torch.linalg.svd(H)
-    d = torch.sign(torch.det(Vt.T @ U.T))
-    D = torch.diag(torch.stack([torch.ones_like(d), torch.ones_like(d), d]))
-    return Vt.T @ D @ U.T
-
-
 def _hip_translation(world: Tensor, kp2d: Tensor, conf: Tensor, K: Tensor) -> Tensor:
     """Camera position of the world landmarks' origin (the hip centre) that best reprojects them: linear least
     squares in ``T`` of ``(u - c)(Z + Tz) = f (X + Tx)`` (the full-perspective translation estimate of SPIN)."""
@@ -221,6 +213,7 @@ def fit_body(
     from tqdm import tqdm
 
     from avatar.render.mesh import soft_silhouette
+    from avatar.skinning.lbs import lbs_points
 
     cfg = cfg or BodyFitConfig()
     cfg.validate()
@@ -280,8 +273,8 @@ def fit_body(
         dst = world[f, torso] - world[f, [11, 12]].mean(0)
         if not torch.isfinite(dst).all() or dst.abs().sum() == 0:
             R = torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # facing the camera, upright
-        else:
-            R = _kabsch(src, dst, w)
+        else:  # weighted Kabsch (roma); the translation comes from the 2D/3D estimate below
+            R = roma.rigid_points_registration(src, dst, weights=w)[0]
         T = _hip_translation(world[f] - world[f, [11, 12]].mean(0), kp2d[f], conf[f], K)
         return matrix_to_axis_angle(R), T - h0 - R @ (hip_rest - h0)
 
@@ -358,8 +351,6 @@ def fit_body(
                 loss = loss + cfg.w_shape_prior * ((shape_param - shape0) ** 2).sum()
             if use_sil and cfg.silhouette_frames > 0:
                 pick = torch.from_numpy(rng.choice(F, size=min(F, cfg.silhouette_frames), replace=False))
-                from avatar.skinning.lbs import lbs_points
-
                 Gp = G[pick]
                 G4 = torch.cat([Gp, torch.tensor([0.0, 0, 0, 1]).expand(*Gp.shape[:-2], 1, 4)], dim=-2)
                 verts = lbs_points(rv.expand(len(pick), -1, -1), body.skin_weights, G4, body.skin_indices)
