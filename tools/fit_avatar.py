@@ -81,6 +81,15 @@ class FitAvatarArgs:
     """Skinning-code autoencoder (default: the shipped data/predictor/skin_codec_<body>.safetensors)."""
     voxel_size: float = 0.01
     """Sparse-view mode: fusion grid spacing in metres."""
+    refine: bool = True
+    """Sparse-view mode: wrap the body template onto the fused mesh, refine it against the images by forward skinning
+    (vertex offsets, colours, the joint angles) and export the rigged, animated ``avatar.glb``; --no-refine stops
+    after the fusion."""
+    refine_steps: int = 200
+    """Sparse-view mode: optimizer steps of the refinement (40 % pose and colour at half size, then shape, pose and
+    colour at full size)."""
+    glb_motion: Literal["free", "turn"] = "free"
+    """Sparse-view mode: the animation clip stored in ``avatar.glb`` (2 s at 30 fps of this synthetic motion)."""
     video: Path | None = None
     """Video mode: a video of one person filmed by a fixed camera (mp4, mov, mkv, ... anything ffmpeg reads)."""
     video_max_frames: int = 100
@@ -361,6 +370,8 @@ def run_images(args: FitAvatarArgs) -> dict:
         raise ValueError("fit_avatar: --masks / --cameras need --images a.png b.png ...")
     if args.cameras is None:
         raise ValueError("fit_avatar: --images needs --cameras cams.json (see avatar/fusion/design.md)")
+    if args.refine and args.refine_steps < 1:
+        raise ValueError(f"fit_avatar: --refine-steps must be >= 1, got {args.refine_steps}")
     body_name = read_cameras_json(args.cameras)["body_model"]
     body = load_body_model(body_name, model_path=None if args.smpl_dir is None else str(args.smpl_dir))
     views = load_sparse_views(args.images, args.masks, args.cameras, body.num_bones, body.shape_dim)
@@ -392,6 +403,11 @@ def run_images(args: FitAvatarArgs) -> dict:
             "num_faces": int(fused.faces.shape[0]), "space": "canonical (the body model's rest pose)",
             "mesh": "canonical_mesh.ply", "tensors": {k: list(v.shape) for k, v in tensors.items()}}
     atomic_write_text(args.out / "skin_weights.json", json.dumps(meta, indent=2))
+    outputs = ["canonical_mesh.ply", "skin_weights.safetensors", "skin_weights.json"]
+    refined = None
+    if args.refine:
+        refined = _refine_and_export(args, body, views, shape.float(), fused)
+        outputs += refined.pop("outputs")
     summary = {
         "mode": "images", "images": [str(p) for p in views.image_paths], "cameras": str(args.cameras),
         "views": len(args.images), "size": [cams.width, cams.height], "fusion": dataclasses.asdict(cfg),
@@ -399,13 +415,91 @@ def run_images(args: FitAvatarArgs) -> dict:
         "fused_points": fused.num_points, "vertices": int(fused.vertices.shape[0]), "faces": int(fused.faces.shape[0]),
         "data_support_mean": round(float(fused.data_support.mean()), 4), "watertight": bool(mesh.is_watertight),
         "seconds": {"load": round(t1 - t0, 2), "predict": round(t2 - t1, 2), "fuse": round(t3 - t2, 2),
+                    **({"refine_and_export": refined.pop("seconds")} if refined else {}),
                     "total": round(time.perf_counter() - t0, 2)},
-        "outputs": ["canonical_mesh.ply", "skin_weights.safetensors", "skin_weights.json"],
+        "refined": refined,
+        "outputs": outputs,
     }
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2))
     print(f"[fit_avatar] fused {len(args.images)} view(s) into a canonical mesh of {summary['vertices']} vertices "
           f"({fused.num_points} points) in {summary['seconds']['total']:.1f} s; outputs in {args.out}", flush=True)
     return summary
+
+
+def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
+    """The back half of the sparse-view mode: the body template wrapped onto the fused mesh (template topology and
+    exact skinning weights; drops the fused mesh's wrongly canonicalized sheets), refined against the input images and
+    masks by forward skinning with the joint angles free (``avatar.fit.refine_mesh``), then written as the canonical
+    and posed meshes (PLY, vertex colours), the corrected pose (JSON) and a rigged, animated ``avatar.glb``."""
+    from avatar.data.synthetic import make_motion
+    from avatar.export import GlbAnimation, write_glb, write_mesh, write_posed_mesh
+    from avatar.fit.mesh_refine import MeshRefineConfig, MeshStage, RefineView, refine_mesh, wrap_template
+    from avatar.fusion import body_template
+    from avatar.io import atomic_write_text
+    from avatar.render.mesh import vertex_normals
+    from avatar.types import BodyPose, Cameras
+
+    t0 = time.perf_counter()
+    template = body_template(body, shape)
+    with torch.no_grad():
+        offsets = wrap_template(template.vertices.float(), template.faces, fused.vertices.float(), fused.faces)
+        start = template.vertices.float() + offsets[:, None] * vertex_normals(template.vertices.float(), template.faces)
+    cams = views.cameras
+    rot, trans = views.poses.rotations.float(), views.poses.translation.float()
+    frame_of: dict[bytes, int] = {}  # views with the same pose are one instant: one joint-angle correction
+    refine_views = []
+    for v in range(rot.shape[0]):
+        key = torch.cat([rot[v].reshape(-1), trans[v].reshape(-1)]).numpy().tobytes()
+        fid = frame_of.setdefault(key, len(frame_of))
+        m = views.masks[v].float()
+        refine_views.append(RefineView(views.images[v].float() * m[..., None], m,
+                                       Cameras(cams.viewmats[v], cams.Ks[v], cams.width, cams.height),
+                                       BodyPose(rot[v], trans[v]), fid))
+    n_pose = max(1, round(0.4 * args.refine_steps))
+    cfg = MeshRefineConfig(stages=(MeshStage(n_pose, vertices=False, lr_pose=1e-2, scale=0.5, w_silhouette=1.0, w_rim=0.0),
+                                   MeshStage(max(1, args.refine_steps - n_pose), smooth=20.0, lr_vertices=1e-3, lr_pose=2e-3)),
+                           views_per_step=min(8, len(refine_views)), progress=args.progress)
+    out = refine_mesh((start, template.faces), template.skin_weights.float(), refine_views, body, cfg, shape=shape)
+    t1 = time.perf_counter()
+
+    files = []
+    files.append(write_mesh(args.out / "refined_mesh.ply", out.vertices, out.faces, out.colors).name)
+    poses_json = []
+    for i, fid in enumerate(out.frame_ids):
+        pose = out.pose_of(fid)
+        with torch.no_grad():
+            T, _ = body.bone_transforms(BodyPose(pose.rotations[None].to(body.dtype), pose.translation[None].to(body.dtype)),
+                                        shape[None].to(body.dtype))
+        name = "refined_mesh_posed.ply" if len(out.frame_ids) == 1 else f"refined_mesh_posed_{fid}.ply"
+        files.append(write_posed_mesh(args.out / name, out.vertices.float(), out.faces, out.skin_weights.float(),
+                                      T[0].float(), out.colors).name)
+        poses_json.append({"frame": int(fid), "views": [k for k, rv in enumerate(refine_views) if rv.frame_id == fid],
+                           "rotations": pose.rotations.tolist(), "translation": pose.translation.tolist()})
+    atomic_write_text(args.out / "refined_pose.json", json.dumps(
+        {"body_model": body.name, "bone_names": list(body.bone_names), "poses": poses_json,
+         "note": "corrected per-instant pose (axis-angle per bone, radians; translation in metres)"}, indent=1))
+    files.append("refined_pose.json")
+    with torch.no_grad():
+        rest = body.rest(shape[None].to(body.dtype))
+        motion = make_motion(body, rest.bone_heads[0], args.glb_motion, 60, args.seed)
+        clip, _ = body.bone_transforms(motion, shape[None].expand(60, -1).to(body.dtype))
+    skin = write_glb(args.out / "avatar.glb", out.vertices, out.faces, out.skin_weights, body.bone_names,
+                     body.bone_parents, rest.bone_poses[0], colors=out.colors,
+                     animation=GlbAnimation(clip.float(), fps=30.0, name=args.glb_motion))
+    files.append("avatar.glb")
+    last = out.history[-1] if out.history else {}
+    info = {"vertices": int(out.vertices.shape[0]), "faces": int(out.faces.shape[0]),
+            "wrap_offset_mm_mean": round(float(offsets.abs().mean()) * 1000, 2),
+            "pose_correction_deg_max": round(max(float((out.pose_of(f).rotations - refine_views[[rv.frame_id for rv in
+                                             refine_views].index(f)].pose.rotations).norm(dim=-1).max()) for f in
+                                             out.frame_ids) * 57.29578, 2),
+            "final_loss": {k: round(float(v), 6) for k, v in last.items() if isinstance(v, float) and k != "seconds"},
+            "glb_influences_dropped_max": round(float(skin.dropped.max()), 4),
+            "seconds": {"refine": round(t1 - t0, 2), "export": round(time.perf_counter() - t1, 2)},
+            "outputs": files}
+    print(f"[fit_avatar] refined the wrapped template ({info['vertices']} vertices) against {len(refine_views)} view(s) "
+          f"in {t1 - t0:.1f} s; wrote {', '.join(files)}", flush=True)
+    return info
 
 
 def main() -> None:

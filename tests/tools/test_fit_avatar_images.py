@@ -62,9 +62,12 @@ def test_images_end_to_end(tiny_views, predictor_path, anny_body, tmp_path):
 
     sub, paths, cams, _ = tiny_views
     out = tmp_path / "out"
-    summary = run(FitAvatarArgs(images=tuple(paths), cameras=cams, out=out, predictor=predictor_path, voxel_size=0.02))
-    for name in ("canonical_mesh.ply", "skin_weights.safetensors", "skin_weights.json", "summary.json"):
+    summary = run(FitAvatarArgs(images=tuple(paths), cameras=cams, out=out, predictor=predictor_path, voxel_size=0.02,
+                                refine_steps=8, progress=False))
+    for name in ("canonical_mesh.ply", "skin_weights.safetensors", "skin_weights.json", "summary.json",
+                 "refined_mesh.ply", "refined_mesh_posed.ply", "refined_pose.json", "avatar.glb"):
         assert (out / name).is_file(), name
+    assert set(summary["outputs"]) == {p.name for p in out.iterdir()} - {"summary.json"}
     assert json.loads((out / "summary.json").read_text())["views"] == 2 and summary["fused_points"] > 100
     mesh = trimesh.load(out / "canonical_mesh.ply", process=False)
     tensors = load_file(out / "skin_weights.safetensors")
@@ -81,6 +84,31 @@ def test_images_end_to_end(tiny_views, predictor_path, anny_body, tmp_path):
     t = body_template(anny_body, sub.shape)
     q_t = mesh_quality(t.vertices, t.faces, sub.canonical_vertices, sub.faces, num_samples=10000)
     assert q.chamfer_mm < 1.3 * q_t.chamfer_mm + 5.0, (q, q_t)
+
+    # refinement + export: the wrapped, refined template (template topology, exact weights), its posed copy under the
+    # corrected pose, and a rigged .glb whose own skin reproduces our forward skinning of the refined mesh
+    from avatar.export import read_mesh
+    from avatar.export.gltf import accessor_array, read_glb
+    from avatar.skinning.lbs import lbs_points
+    from avatar.types import BodyPose
+
+    rv, rf, rc = read_mesh(out / "refined_mesh.ply")
+    assert rv.shape == t.vertices.shape and torch.equal(rf, t.faces.long()) and rc is not None
+    assert float((rv - t.vertices.float()).norm(dim=-1).max()) < 0.15  # offsets along the normals, bounded search
+    poses = json.loads((out / "refined_pose.json").read_text())["poses"]
+    assert len(poses) == 1 and poses[0]["views"] == [0, 1]  # both views show one instant: one pose correction
+    pose = BodyPose(torch.tensor(poses[0]["rotations"])[None], torch.tensor(poses[0]["translation"])[None])
+    T, _ = anny_body.bone_transforms(pose, sub.shape[None])
+    pv, _, _ = read_mesh(out / "refined_mesh_posed.ply")
+    want = lbs_points(rv.double(), t.skin_weights.double(), T[0].double()).float()
+    assert float((pv - want).norm(dim=-1).max()) < 1e-4
+    doc, binary = read_glb(out / "avatar.glb")
+    assert len(doc["skins"]) == 1 and len(doc["skins"][0]["joints"]) == anny_body.num_bones
+    assert [a["name"] for a in doc["animations"]] == ["free"]
+    pos = accessor_array(doc, binary, doc["meshes"][0]["primitives"][0]["attributes"]["POSITION"])
+    np.testing.assert_allclose(pos, rv.numpy(), atol=1e-6)
+    assert len(trimesh.load(out / "avatar.glb", force="mesh", process=False).vertices) == rv.shape[0]
+    assert summary["refined"]["vertices"] == rv.shape[0] and summary["seconds"]["refine_and_export"]["refine"] > 0
 
 
 def _args(paths, cams, tmp_path, **kw):
@@ -140,6 +168,9 @@ def test_bad_inputs(tiny_views, tmp_path):
         run(FitAvatarArgs(images=tuple(paths), out=tmp_path / "o"))
     with pytest.raises(ValueError, match="not several"):
         run(FitAvatarArgs(images=tuple(paths), cameras=cams, demo=True, out=tmp_path / "o"))
+    with pytest.raises(ValueError, match="--refine-steps must be >= 1, got 0"):
+        run(_args(paths, cams, tmp_path, refine_steps=0))
+    assert not (tmp_path / "o").exists()  # nothing written for rejected input
 
 
 def test_cli_reports_bad_input_on_stderr(tiny_views, tmp_path, monkeypatch, capsys):
