@@ -2,26 +2,34 @@
 the posed refined mesh, and joint-angle correction of poses perturbed by 10 degrees per joint.
 
     python -m tools.benchmarks.bench_mesh_refine [--quick] [--json] [--start oracle|predicted] [--pose-noise-deg 10]
+        [--steps 50,50,100,60] [--pose-lr 5e-3] [--res 384]
 
 Setup: subject seed 3 ("free" motion, shirt and trousers, flat albedo: ``shading=False``). The fused mesh is the
-fusion (``avatar.fusion``) of frame 17 in cameras 0, 6, 12, 17 of the 23-camera ring, from oracle input
-(ground-truth depth layers and skinning codes) or, with ``--start predicted``, from the shipped predictor's layers
-(what ``fit_avatar --images`` makes). The refinement starts from the subject's body template wrapped onto the fused
-mesh (``wrap_template``: offsets along the template normals, the SMPL+D form, which drops the fused mesh's sheets of
-wrongly canonicalized points) and sees the images and masks (no depth: predicted depth is biased) of every ring
-camera except the held-out camera 3, frames 5 and 17, 8 random views per step. The input poses are the true ones
+fusion (``avatar.fusion``) of frame 17 in cameras 0, 6, 12, 17 of the 23-camera ring at 128x128 (``--quick``: 96),
+from oracle input (ground-truth depth layers and skinning codes) or, with ``--start predicted``, from the shipped
+predictor's layers (what ``fit_avatar --images`` makes). The refinement starts from the subject's body template
+wrapped onto the fused mesh (``wrap_template``: offsets along the template normals, the SMPL+D form, which drops the
+fused mesh's sheets of wrongly canonicalized points) and sees the images and masks (no depth: predicted depth is
+biased) of every ring camera except the held-out camera 3, frames 5 and 17, rendered at 384x384 (``--quick``: 192;
+``--res``), 8 random views per step; each frame's pose is shared by its 22 views. The input poses are the true ones
 with every *anatomical joint* turned by ``--pose-noise-deg`` about a random axis (seeded; see below). The
-refinement runs a pose-only stage (shape frozen; rim + photometric terms, colours free) on a coarse-to-fine pyramid
-(1/4, 1/2, full size), then the shape stage (smooth offsets) with the pose still free at a lower rate; the pose
-unknowns are one rotation per anatomical joint (``MeshRefineConfig.merge_twin_bones``) with a weak prior towards
-the input.
+refinement runs pose-only stages (shape frozen; soft silhouette + photometric terms, colours free; no rim term) on a
+coarse-to-fine pyramid (1/4, 1/2, full size), then the shape stage (smooth offsets, rim + photometric terms) with
+the pose still free at a lower rate; the pose unknowns are one rotation per anatomical joint
+(``MeshRefineConfig.merge_twin_bones``) with a weak prior towards the input.
+
+Why 384 px for the refinement (measured, see avatar/fit/design.md): at 128 px one pixel is about 13 mm on this
+subject (it fills about a third of the image height), so a 3 mm surface correction is invisible; at 384 px the shape
+stage lowers the Chamfer distance of the wrapped start instead of leaving it. The fusion keeps its own image size:
+it is the baseline being compared against (not a handicapped one: the same predictor and fusion on four 256 px views of this subject, as ``fit_avatar --images`` runs them, gave 4.51 mm, against 4.16 mm at 128 px). Full mode takes about 3 minutes of refinement on 2 CPU cores, ``--quick``
+about 30 seconds (too coarse and short to improve the shape: it checks the pose stages).
 
 Which joints, and why this error measure: anny splits limbs and the spine into twin bones (``upperarm01/02``,
 ``lowerarm01/02``, ``upperleg01/02``, ``lowerleg01/02``, ``spine05..01``, ``neck01..03``) that move one visible
 segment; images determine the product of such a chain's rotations, not how it is split, so the per-bone local angle
 of a twin is not a well-posed target (the old ``angle_*`` rows: a perfect fit of the images can leave them at any
 split). The anatomical joints are ``avatar.fit.mesh_refine.joint_groups``: each twin chain merged into one joint,
-every other bone its own. Fingers, metacarpals, toes and eyes (a few pixels, or inside the head, at 128 px) are
+every other bone its own. Fingers, metacarpals, toes and eyes (a few pixels, or inside the head, at these sizes) are
 neither perturbed nor corrected nor measured: nothing in the images constrains them. The perturbation turns each
 remaining joint's composed rotation by exactly ``--pose-noise-deg`` (``apply_joint_deltas``: the chain's product
 turns by the noise, each twin by an even share), so every measured joint starts at that error.
@@ -30,8 +38,9 @@ Rows:
 - ``chamfer_*`` (mm, vs the ground-truth canonical clothed mesh; ``ratio = fused / value``, target >= 1.43, i.e. at
   least 30% lower than the fused mesh): the naked template, the fused mesh, the wrapped template (the refinement's
   start), the refined mesh;
-- ``psnr_heldout_*`` (dB, held-out camera, both frames; ``ratio = value / start``): the fused mesh with colours
-  projected from the training views posed by the input poses, and the refined mesh posed by the corrected poses;
+- ``psnr_heldout_*`` (dB, held-out camera, both frames, at the refinement's image size, so not comparable across
+  ``--res``; ``ratio = value / start``): the fused mesh with colours projected from the refinement's views posed by
+  the input poses, and the refined mesh posed by the corrected poses;
 - ``joint_angle_*`` (degrees; the target, under 3): mean over the perturbed anatomical joints and both frames of
   the geodesic angle between the composed true and estimated rotations of the joint's chain (``joint_rotations``);
   ``joint_angle_max_after``: the largest of them; ``ratio = before / value``;
@@ -58,8 +67,10 @@ REFINE_CAMERAS = tuple(c for c in range(23) if c != 3)  # the refinement's views
 HELDOUT_CAMERA = 3
 FRAMES = (5, 17)
 MINOR = ("toe", "finger", "metacarpal", "eye")
-STEPS = (40, 40, 40, 60)  # pose at 1/4, 1/2, full size; then shape + pose
-STEPS_QUICK = (30, 30, 20, 20)
+STEPS = (50, 50, 100, 60)  # pose at 1/4, 1/2, full size; then shape + pose
+STEPS_QUICK = (30, 30, 30, 20)
+FUSION_RES, FUSION_RES_QUICK = 128, 96  # image size of the prediction-and-fusion stage (its baseline mesh)
+REFINE_RES, REFINE_RES_QUICK = 384, 192  # image size the refinement sees
 
 
 def _angles(Ra, Rb):
@@ -106,7 +117,7 @@ def _segment_ends(body, joints, rest_heads):
 
 
 def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, ...] | None = None,
-        pose_lr: float = 1e-2, start: str = "oracle") -> tuple[list[dict], list[str]]:
+        pose_lr: float = 5e-3, start: str = "oracle", res: int | None = None) -> tuple[list[dict], list[str]]:
     from avatar.body import AnnyBody
     from avatar.data.synthetic import SyntheticConfig, make_subject, posed_vertices, render_frame
     from avatar.fit.mesh_refine import (MINOR_BONES, MeshRefineConfig, MeshStage, RefineView, apply_joint_deltas,
@@ -122,15 +133,20 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, ...] | None
     torch.set_num_threads(2)
     notes = []
     body = AnnyBody()
-    res = 96 if quick else 128
+    fres = FUSION_RES_QUICK if quick else FUSION_RES
+    res = res or (REFINE_RES_QUICK if quick else REFINE_RES)
     cams_all = REFINE_CAMERAS + (HELDOUT_CAMERA,)
-    cfg = SyntheticConfig(seed=3, motion="free", num_frames=max(FRAMES) + 1, width=res, height=res, rig="ring23",
-                          cameras=cams_all, texture_size=256, shading=False)
-    sub = make_subject(cfg, body)
+
+    def subject(size):  # the same subject (seeded) rendered at another image size
+        return make_subject(SyntheticConfig(seed=3, motion="free", num_frames=max(FRAMES) + 1, width=size, height=size,
+                                            rig="ring23", cameras=cams_all, texture_size=256, shading=False), body)
+
+    sub = subject(res)
+    sub_f = sub if fres == res else subject(fres)
     C = len(REFINE_CAMERAS)
     refine_cams = Cameras(sub.cameras.viewmats[:C], sub.cameras.Ks[:C], res, res)
     fi = [REFINE_CAMERAS.index(c) for c in TRAIN_CAMERAS]
-    train_cams = Cameras(sub.cameras.viewmats[fi], sub.cameras.Ks[fi], res, res)
+    train_cams = Cameras(sub_f.cameras.viewmats[fi], sub_f.cameras.Ks[fi], fres, fres)
     held = Cameras(sub.cameras.viewmats[C:], sub.cameras.Ks[C:], res, res)
     gt_v, gt_f = sub.canonical_vertices, sub.faces
     weights = body.dense_skin_weights()
@@ -141,9 +157,9 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, ...] | None
     fcfg = FusionConfig(voxel_size=0.012 if quick else 0.01)
     with torch.no_grad():
         if start == "predicted":  # the predicted depth is not a refinement target (biased; see avatar/fit/design.md)
-            fused, _ = _predicted_fusion(sub, body, 17, train_cams, codec, fcfg, template)
+            fused, _ = _predicted_fusion(sub_f, body, 17, train_cams, codec, fcfg, template)
         else:
-            posed17 = posed_vertices(sub, body, 17)
+            posed17 = posed_vertices(sub_f, body, 17)
             fused = fuse_views(oracle_views(posed17, gt_f, weights, train_cams, codec), train_cams,
                                sub.bone_transforms[17], codec, fcfg, template)
     notes.append(f"fused mesh: {start} fusion (avatar.fusion) of frame 17 in cameras {TRAIN_CAMERAS}, "
@@ -181,9 +197,9 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, ...] | None
         steps = STEPS_QUICK if quick else STEPS
     pose_only = dict(vertices=False, w_silhouette=1.0, w_rim=0.0)
     mcfg = MeshRefineConfig(stages=(MeshStage(steps[0], lr_pose=pose_lr, scale=0.25, **pose_only),
-                                    MeshStage(steps[1], lr_pose=pose_lr / 2, scale=0.5, **pose_only),
-                                    MeshStage(steps[2], lr_pose=pose_lr / 5, **pose_only),
-                                    MeshStage(steps[3], smooth=20.0, lr_vertices=1e-3, lr_pose=pose_lr / 10)),
+                                    MeshStage(steps[1], lr_pose=pose_lr * 0.6, scale=0.5, **pose_only),
+                                    MeshStage(steps[2], lr_pose=pose_lr * 0.6, **pose_only),
+                                    MeshStage(steps[3], smooth=20.0, lr_vertices=1e-3, lr_pose=pose_lr * 0.06)),
                             views_per_step=8, progress=not quick)
     t0 = time.perf_counter()
     out = refine_mesh((start_v, template.faces), start_w, views, body, mcfg, shape=sub.shape)
@@ -266,7 +282,8 @@ def run(quick: bool, pose_noise_deg: float = 10.0, steps: tuple[int, ...] | None
     notes.append("largest remaining joint errors (deg, mean of the frames): " + ", ".join(f"{n} {e:.1f}" for e, n in worst))
     notes.append(f"input poses: each of the {len(joints)} anatomical joints (twin chains merged; fingers, metacarpals, "
                  f"toes, eyes untouched) turned by {pose_noise_deg:g} degrees about a random axis")
-    notes.append(f"{res}x{res}, cameras {TRAIN_CAMERAS} (held out {HELDOUT_CAMERA}), frames {FRAMES}, stages "
+    notes.append(f"fusion at {fres}x{fres}, refinement and held-out PSNR at {res}x{res}, fused cameras {TRAIN_CAMERAS} "
+                 f"(held out {HELDOUT_CAMERA}), frames {FRAMES}, stages "
                  f"{steps} steps, refined mesh {out.vertices.shape[0]} vertices; one subject (seed 3)")
     return rows, notes
 
@@ -277,15 +294,17 @@ def main() -> None:
                    help="rotation added to every joint of the input poses (0: exact poses, shape only)")
     p.add_argument("--steps", default=None, help="steps of the four stages (pose at 1/4, 1/2, full size; shape + pose); "
                    f"default {','.join(map(str, STEPS))} (--quick: {','.join(map(str, STEPS_QUICK))})")
-    p.add_argument("--pose-lr", type=float, default=1e-2, help="learning rate of the joint angles in the first stage "
-                   "(halved at each finer level, / 10 in the shape stage)")
+    p.add_argument("--pose-lr", type=float, default=5e-3, help="learning rate of the joint angles in the first stage "
+                   "(x 0.6 at the two finer levels, x 0.06 in the shape stage)")
+    p.add_argument("--res", type=int, default=None, help=f"image size of the refinement's views (default {REFINE_RES}, "
+                   f"--quick: {REFINE_RES_QUICK}); the fusion stays at {FUSION_RES} ({FUSION_RES_QUICK})")
     p.add_argument("--start", choices=("oracle", "predicted"), default="oracle",
                    help="starting mesh: fusion of ground-truth layers, or of the shipped predictor's (fit_avatar --images)")
     args = p.parse_args()
     steps = None if args.steps is None else tuple(int(x) for x in args.steps.split(","))
     if steps is not None and len(steps) != 4:
         p.error(f"--steps must give 4 stage lengths, got {args.steps!r}")
-    rows, notes = run(args.quick, args.pose_noise_deg, steps, args.pose_lr, args.start)
+    rows, notes = run(args.quick, args.pose_noise_deg, steps, args.pose_lr, args.start, args.res)
     emit(rows, args.json, "Mesh refinement: Chamfer vs the fused mesh, held-out PSNR, joint-angle correction",
          f"fused mesh ({args.start} input) for chamfer, start for PSNR and angles; chamfer/angle ratio = baseline / value")
     for n in notes:
