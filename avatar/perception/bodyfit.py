@@ -14,7 +14,11 @@ poses are in camera coordinates. Terms, all robust (Geman-McClure) where they co
 * priors: squared axis-angles of the fitted bones (a weak pull to the rest pose), a hinge prior (knees bend only
   backwards, elbows only forwards: the squared part of the knee / elbow rotation about its bending axis that has the
   wrong sign, as SMPLify's bending term), the shape towards the mean, and temporal smoothness (keypoint
-  accelerations, with the actual time steps between kept frames).
+  accelerations, with the actual time steps between kept frames), and a Geman-McClure penalty on the fitted bones'
+  angular velocities (rad/s): from one view a limb near the image plane can swing forwards or backwards in depth at
+  almost no 2D cost (its foreshortening changes with the cosine), so a per-frame fit drifts and flips the limbs' depth
+  slowly across frames; the robust velocity term removes such slow drifts (quadratic below sigma) while real swings,
+  much faster, saturate it. Keypoint accelerations do not see these drifts: they are smooth in time.
 
 Robustness: frames the detector missed are not passed in (the caller drops and counts them); keypoints it is unsure
 of have low confidence; after the pose stage each frame's arms and legs are tested with their left/right labels
@@ -58,7 +62,12 @@ class BodyFitConfig:
     iters_global: int = 150
     iters_pose: int = 300
     iters_refit: int = 100
-    iters_shape: int = 80
+    # optional first pose stage with the world landmarks at weight w_3d_init (to start the limbs on BlazePose's side
+    # of the depth ambiguity). Measured (100 iters, w_3d_init 0.1 / 1 / 10): free motion MPJPE 68.4 -> 67.3 / 66.6 /
+    # 66.6 mm, A-pose turn 29.5 -> 32.8 / 33.8 mm, so off by default
+    iters_pose_3d: int = 0
+    w_3d_init: float = 0.1
+    iters_shape: int = 200  # measured (10 s free / 4 s turn clips): 80 -> 200 MPJPE 71.9 -> 68.4 / 36.0 -> 29.5 mm
     lr: float = 0.03
     w_2d: float = 1.0
     w_3d: float = 0.0  # off by default: BlazePose's world depth is biased (see design.md); it initializes the root
@@ -66,6 +75,11 @@ class BodyFitConfig:
     w_hinge: float = 1.0  # knees bend backwards only, elbows forwards only (SMPLify's bending prior)
     w_shape_prior: float = 0.05
     w_smooth: float = 0.05
+    # robust (Geman-McClure) penalty on the fitted bones' angular velocities: slow drifts of the limbs along the
+    # unobservable depth direction cost ~ v^2, real fast swings saturate (measured, see design.md: A-pose turn MPJPE
+    # 52.6 -> 36.0 mm, free motion 70.6 -> 71.9 mm; L2 or weight 1 hurt the free motion: 75.6-101.8 mm)
+    w_pose_velocity: float = 0.2
+    sigma_pose_velocity: float = 1.0  # rad/s (0: plain L2)
     w_silhouette: float = 0.5
     sigma_2d: float = 0.15  # Geman-McClure scale of the 2D term, as a fraction of the image height (SMPLify: 100 px)
     sigma_3d: float = 0.2  # metres
@@ -77,9 +91,11 @@ class BodyFitConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("iters_global", "iters_pose", "iters_refit", "iters_shape", "silhouette_frames"):
+        for name in ("iters_global", "iters_pose_3d", "iters_pose", "iters_refit", "iters_shape", "silhouette_frames"):
             if getattr(self, name) < 0:
                 raise ValueError(f"BodyFitConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.w_pose_velocity < 0 or self.sigma_pose_velocity < 0:
+            raise ValueError(f"BodyFitConfig: w_pose_velocity and sigma_pose_velocity must be >= 0, got {self}")
         if not self.lr > 0 or self.silhouette_size < 16 or not 0 < self.swap_margin <= 1:
             raise ValueError(f"BodyFitConfig: invalid lr/silhouette_size/swap_margin in {self}")
 
@@ -329,7 +345,9 @@ def fit_body(
         acc = (vel[1:] - vel[:-1]) * dt_typ**2 / 0.01  # metres of deviation from constant velocity, per cm
         return (acc**2).sum(-1).mean()
 
-    def run_stage(name: str, iters: int, params: list[Tensor], kp_w: Tensor, use_shape: bool, use_sil: bool):
+    def run_stage(name: str, iters: int, params: list[Tensor], kp_w: Tensor, use_shape: bool, use_sil: bool,
+                  w_3d: float | None = None):
+        w_3d = cfg.w_3d if w_3d is None else w_3d
         if iters == 0:
             return
         t0 = time.perf_counter()
@@ -344,9 +362,16 @@ def fit_body(
             G = kin.transforms(full_rotations(), trans)
             P = keypoints_from(G, basis)
             l2d, l3d = data_terms(P, kp_w)
-            loss = cfg.w_2d * l2d + cfg.w_3d * l3d + cfg.w_smooth * smooth_term(P)
+            loss = cfg.w_2d * l2d + w_3d * l3d + cfg.w_smooth * smooth_term(P)
             loss = loss + cfg.w_pose_prior * (bones**2).sum(-1).mean() * len(cfg.bones)
             loss = loss + cfg.w_hinge * hinge_term() * 100.0  # 0.1 rad the wrong way costs 1
+            if cfg.w_pose_velocity > 0 and F >= 2:
+                v2 = ((bones[1:] - bones[:-1]) ** 2).sum(-1) / (dt**2)[:, None]  # (rad/s)^2
+                if cfg.sigma_pose_velocity > 0:
+                    dv = _gmof(v2, cfg.sigma_pose_velocity) / cfg.sigma_pose_velocity**2  # in [0, 1)
+                else:
+                    dv = v2
+                loss = loss + cfg.w_pose_velocity * dv.mean() * len(cfg.bones)
             if use_shape:
                 loss = loss + cfg.w_shape_prior * ((shape_param - shape0) ** 2).sum()
             if use_sil and cfg.silhouette_frames > 0:
@@ -372,6 +397,8 @@ def fit_body(
     torso_w[torso] = 1.0
     all_w = torch.ones(23)
     run_stage("global", cfg.iters_global, [root, trans], torso_w, False, False)
+    if cfg.iters_pose_3d > 0:
+        run_stage("pose from world landmarks", cfg.iters_pose_3d, [root, trans, bones], all_w, False, False, cfg.w_3d_init)
     run_stage("pose", cfg.iters_pose, [root, trans, bones], all_w, False, False)
 
     # --- left/right label check per frame and limb group, against what the neighbouring frames' fit predicts (a

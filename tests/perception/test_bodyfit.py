@@ -137,3 +137,35 @@ def test_bad_input(body):
         fit_body(body, empty, K, 256, 256, np.zeros(0), progress=False)
     with pytest.raises(ValueError, match="iters_pose"):
         fit_body(body, det, K, 256, 256, np.arange(2.0), BodyFitConfig(iters_pose=-1), progress=False)
+
+
+def test_pose_velocity_term_damps_depth_drift(body):
+    """A held pose seen with 2D noise: the robust velocity term keeps the fitted limbs from wandering frame to frame
+    (the depth of a limb near the image plane is almost free in 2D); a negative weight is rejected."""
+    det, K, pose, joints = _scene(body, F=8, seed=3)
+    F = det.num_frames
+    det.keypoints[:] = det.keypoints[:1]  # the first frame's pose held still (the root as well)
+    det.world[:] = det.world[:1]
+    det.masks[:] = det.masks[:1]
+    rng = np.random.default_rng(0)
+    det.keypoints += rng.normal(0.0, 1.5, det.keypoints.shape).astype(np.float32)
+    ts = np.arange(F) / 25.0
+    cfg = dict(iters_global=40, iters_pose=150, iters_refit=0, iters_shape=0, fit_shape=False, w_3d=0.0)
+    spread = {}
+    for w in (0.0, 0.2):
+        fit = fit_body(body, det, K, 256, 256, ts, BodyFitConfig(**cfg, w_pose_velocity=w), progress=False)
+        ids = [body.bone_index(n) for n in DEFAULT_BONES]
+        spread[w] = float(fit.pose.rotations[:, ids].std(0).norm(dim=-1).mean())
+    assert spread[0.2] < 0.7 * spread[0.0], spread
+    with pytest.raises(ValueError, match="w_pose_velocity"):
+        BodyFitConfig(w_pose_velocity=-1.0).validate()
+
+
+def test_optional_world_landmark_pose_stage_runs(body):
+    det, K, pose, joints = _scene(body, F=4, seed=4)
+    cfg = BodyFitConfig(iters_global=20, iters_pose_3d=20, w_3d_init=1.0, iters_pose=20, iters_refit=0, iters_shape=0,
+                        fit_shape=False)
+    fit = fit_body(body, det, K, 256, 256, np.arange(4) / 10.0, cfg, progress=False)
+    assert "pose from world landmarks" in fit.seconds and torch.isfinite(fit.pose.rotations).all()
+    with pytest.raises(ValueError, match="iters_pose_3d"):
+        BodyFitConfig(iters_pose_3d=-1).validate()
