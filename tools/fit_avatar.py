@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -488,11 +489,14 @@ def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
                      animation=GlbAnimation(clip.float(), fps=30.0, name=args.glb_motion))
     files.append("avatar.glb")
     last = out.history[-1] if out.history else {}
+    first_view = {}
+    for rv in refine_views:
+        first_view.setdefault(rv.frame_id, rv)
     info = {"vertices": int(out.vertices.shape[0]), "faces": int(out.faces.shape[0]),
             "wrap_offset_mm_mean": round(float(offsets.abs().mean()) * 1000, 2),
-            "pose_correction_deg_max": round(max(float((out.pose_of(f).rotations - refine_views[[rv.frame_id for rv in
-                                             refine_views].index(f)].pose.rotations).norm(dim=-1).max()) for f in
-                                             out.frame_ids) * 57.29578, 2),
+            "pose_change_deg_max": round(math.degrees(max(
+                float((out.pose_of(fid).rotations - first_view[fid].pose.rotations).norm(dim=-1).max())
+                for fid in out.frame_ids)), 2),  # largest change of a bone's axis-angle vector
             "final_loss": {k: round(float(v), 6) for k, v in last.items() if isinstance(v, float) and k != "seconds"},
             "glb_influences_dropped_max": round(float(skin.dropped.max()), 4),
             "seconds": {"refine": round(t1 - t0, 2), "export": round(time.perf_counter() - t1, 2)},
