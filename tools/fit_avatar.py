@@ -434,7 +434,7 @@ def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
     and posed meshes (PLY, vertex colours), the corrected pose (JSON) and a rigged, animated ``avatar.glb``."""
     from avatar.data.synthetic import make_motion
     from avatar.export import GlbAnimation, write_glb, write_mesh, write_posed_mesh
-    from avatar.fit.mesh_refine import MeshRefineConfig, MeshStage, RefineView, refine_mesh, wrap_template
+    from avatar.fit.mesh_refine import MeshRefineConfig, RefineView, refine_mesh, wrap_template
     from avatar.fusion import body_template
     from avatar.io import atomic_write_text
     from avatar.render.mesh import vertex_normals
@@ -456,9 +456,10 @@ def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
         refine_views.append(RefineView(views.images[v].float() * m[..., None], m,
                                        Cameras(cams.viewmats[v], cams.Ks[v], cams.width, cams.height),
                                        BodyPose(rot[v], trans[v]), fid))
+    pose_stage, shape_stage = MeshRefineConfig().stages  # the library's default schedule, stretched to refine_steps
     n_pose = max(1, round(0.4 * args.refine_steps))
-    cfg = MeshRefineConfig(stages=(MeshStage(n_pose, vertices=False, lr_pose=1e-2, scale=0.5, w_silhouette=1.0, w_rim=0.0),
-                                   MeshStage(max(1, args.refine_steps - n_pose), smooth=20.0, lr_vertices=1e-3, lr_pose=2e-3)),
+    cfg = MeshRefineConfig(stages=(dataclasses.replace(pose_stage, steps=n_pose),
+                                   dataclasses.replace(shape_stage, steps=max(1, args.refine_steps - n_pose))),
                            views_per_step=min(8, len(refine_views)), progress=args.progress)
     out = refine_mesh((start, template.faces), template.skin_weights.float(), refine_views, body, cfg, shape=shape)
     t1 = time.perf_counter()
@@ -466,7 +467,7 @@ def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
     files = []
     files.append(write_mesh(args.out / "refined_mesh.ply", out.vertices, out.faces, out.colors).name)
     poses_json = []
-    for i, fid in enumerate(out.frame_ids):
+    for fid in out.frame_ids:
         pose = out.pose_of(fid)
         with torch.no_grad():
             T, _ = body.bone_transforms(BodyPose(pose.rotations[None].to(body.dtype), pose.translation[None].to(body.dtype)),

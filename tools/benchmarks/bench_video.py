@@ -282,23 +282,22 @@ def _avatar_rows(args, body, subject, folder, src, fit_shape, video_protocol):
                     pose = res.refiner(pose, fid)
                 T, _ = body.bone_transforms(pose, shape)
                 posed = res.avatar.posed(T[0].float())
+
+                def score(c: int, k: float = 1.0, A: torch.Tensor | None = None) -> float:  # avatar scaled by k, then A
+                    g = posed if k == 1.0 else dataclasses.replace(posed, means=posed.means * k, scales=posed.scales * k)
+                    vm = eval_subject.cameras.viewmats[c] @ to_world @ (torch.eye(4) if A is None else A)
+                    img = render_gaussian_set(g, Cameras(vm, eval_subject.cameras.Ks[c], w, h),
+                                              background=torch.zeros(3)).colors[0].clamp(0, 1)
+                    return float(psnr(img, gt.images[c]))
+
                 for c in views:
-                    cam = Cameras(eval_subject.cameras.viewmats[c] @ to_world, eval_subject.cameras.Ks[c], w, h)
-                    img = render_gaussian_set(posed, cam, background=torch.zeros(3)).colors[0].clamp(0, 1)
-                    scores[name][split].append(float(psnr(img, gt.images[c])))
-                    if split == "novel_view":
-                        k = align if name == "video poses" else 1.0
-                        scaled = dataclasses.replace(posed, means=posed.means * k, scales=posed.scales * k)
-                        img = render_gaussian_set(scaled, cam, background=torch.zeros(3)).colors[0].clamp(0, 1)
-                        scores[name]["novel_view_scaled"].append(float(psnr(img, gt.images[c])))
-                        if name == "video poses":  # x -> s R x + t in camera 0's frame: scale, then a rigid camera
-                            k, A = sim_s, sim_A
-                        else:
-                            k, A = 1.0, torch.eye(4)
-                        scaled = dataclasses.replace(posed, means=posed.means * k, scales=posed.scales * k)
-                        cam = Cameras(eval_subject.cameras.viewmats[c] @ to_world @ A, eval_subject.cameras.Ks[c], w, h)
-                        img = render_gaussian_set(scaled, cam, background=torch.zeros(3)).colors[0].clamp(0, 1)
-                        scores[name]["novel_view_sim3"].append(float(psnr(img, gt.images[c])))
+                    plain = score(c)
+                    scores[name][split].append(plain)
+                    if split == "novel_view":  # the true-pose fit needs no alignment: its aligned rows are the plain one
+                        video = name == "video poses"
+                        scores[name]["novel_view_scaled"].append(score(c, align) if video else plain)
+                        # x -> s R x + t in camera 0's frame: scale, then a rigid camera
+                        scores[name]["novel_view_sim3"].append(score(c, sim_s, sim_A) if video else plain)
     rows = [row("scale of the video fit's world (hip-centre least squares; 1 = right size and distance)", align, "",
                 None),
             row("Sim(3) per sequence of the video fit: scale", sim_s, "", None),
