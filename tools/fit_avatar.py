@@ -28,7 +28,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -353,14 +356,11 @@ def _mask_iou(frames, render_alpha, max_frames: int = 12) -> dict:
 
 
 def run_images(args: FitAvatarArgs) -> dict:
-    """Sparse-view mode: images + cameras -> predicted depth layers and skinning codes -> fused canonical mesh."""
-    import trimesh
-    from safetensors.torch import save
-
+    """Sparse-view mode: images + cameras -> predicted depth layers and skinning codes -> fused canonical mesh (then,
+    with ``--refine``, the refined mesh, corrected pose and rigged .glb)."""
     from avatar.body import load_body_model
     from avatar.fusion import FusionConfig, body_template, fuse_views
     from avatar.fusion.inputs import load_sparse_views, read_cameras_json
-    from avatar.io import atomic_write_bytes, atomic_write_text
     from avatar.predict.infer import load_predictor, predict_views
     from avatar.predict.skin_codes import load_skin_codec
     from avatar.predict.views import render_depth_layers
@@ -393,21 +393,50 @@ def run_images(args: FitAvatarArgs) -> dict:
         t2 = time.perf_counter()
         fused = fuse_views(preds, cams, posed.bone_transforms.float(), codec, cfg, body_template(body, shape.float()))
         t3 = time.perf_counter()
+    # every output is written into a staging folder inside --out and moved into place only when all of them exist:
+    # a failure or interrupt in the refinement or export leaves --out as it was (no half set of files)
+    created = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".fit_avatar-", dir=args.out))
+    try:
+        summary = _write_images_outputs(args, body, views, shape, fused, cfg, stage, (t0, t1, t2, t3))
+        for name in summary["outputs"] + ["summary.json"]:
+            os.replace(stage / name, args.out / name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(args.out.iterdir()):
+            args.out.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    print(f"[fit_avatar] fused {len(args.images)} view(s) into a canonical mesh of {summary['vertices']} vertices "
+          f"({fused.num_points} points) in {summary['seconds']['total']:.1f} s; outputs in {args.out}", flush=True)
+    return summary
+
+
+def _write_images_outputs(args: FitAvatarArgs, body, views, shape, fused, cfg, out: Path, times) -> dict:
+    """Write the sparse-view mode's outputs (fused mesh and weights, then the refinement's) into the folder ``out``;
+    returns the summary (also written there as ``summary.json``)."""
+    import trimesh
+    from safetensors.torch import save
+
+    from avatar.io import atomic_write_bytes, atomic_write_text
+
+    t0, t1, t2, t3 = times
+    cams = views.cameras
     mesh = trimesh.Trimesh(fused.vertices.double().numpy(), fused.faces.numpy(), process=False)
-    atomic_write_bytes(args.out / "canonical_mesh.ply", mesh.export(file_type="ply"))
+    atomic_write_bytes(out / "canonical_mesh.ply", mesh.export(file_type="ply"))
     tensors = {"skin_weights": fused.skin_weights.float().contiguous(), "vertices": fused.vertices.float().contiguous(),
                "faces": fused.faces.contiguous()}
-    atomic_write_bytes(args.out / "skin_weights.safetensors", save(tensors, metadata={"body_model": body.name}))
+    atomic_write_bytes(out / "skin_weights.safetensors", save(tensors, metadata={"body_model": body.name}))
     meta = {"body_model": body.name, "bone_names": list(body.bone_names), "bone_parents": list(body.bone_parents),
             "shape": [float(x) for x in views.shape.tolist()], "num_vertices": int(fused.vertices.shape[0]),
             "num_faces": int(fused.faces.shape[0]), "space": "canonical (the body model's rest pose)",
             "mesh": "canonical_mesh.ply", "tensors": {k: list(v.shape) for k, v in tensors.items()}}
-    atomic_write_text(args.out / "skin_weights.json", json.dumps(meta, indent=2))
+    atomic_write_text(out / "skin_weights.json", json.dumps(meta, indent=2))
     outputs = ["canonical_mesh.ply", "skin_weights.safetensors", "skin_weights.json"]
     refined = None
     if args.refine:
-        refined = _refine_and_export(args, body, views, shape.float(), fused)
+        refined = _refine_and_export(args, body, views, shape.float(), fused, out)
         outputs += refined.pop("outputs")
     summary = {
         "mode": "images", "images": [str(p) for p in views.image_paths], "cameras": str(args.cameras),
@@ -421,13 +450,11 @@ def run_images(args: FitAvatarArgs) -> dict:
         "refined": refined,
         "outputs": outputs,
     }
-    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2))
-    print(f"[fit_avatar] fused {len(args.images)} view(s) into a canonical mesh of {summary['vertices']} vertices "
-          f"({fused.num_points} points) in {summary['seconds']['total']:.1f} s; outputs in {args.out}", flush=True)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
+def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused, out_dir: Path) -> dict:
     """The back half of the sparse-view mode: the body template wrapped onto the fused mesh (template topology and
     exact skinning weights; drops the fused mesh's wrongly canonicalized sheets), refined against the input images and
     masks by forward skinning with the joint angles free (``avatar.fit.refine_mesh``), then written as the canonical
@@ -465,7 +492,7 @@ def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
     t1 = time.perf_counter()
 
     files = []
-    files.append(write_mesh(args.out / "refined_mesh.ply", out.vertices, out.faces, out.colors).name)
+    files.append(write_mesh(out_dir / "refined_mesh.ply", out.vertices, out.faces, out.colors).name)
     poses_json = []
     for fid in out.frame_ids:
         pose = out.pose_of(fid)
@@ -473,11 +500,11 @@ def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
             T, _ = body.bone_transforms(BodyPose(pose.rotations[None].to(body.dtype), pose.translation[None].to(body.dtype)),
                                         shape[None].to(body.dtype))
         name = "refined_mesh_posed.ply" if len(out.frame_ids) == 1 else f"refined_mesh_posed_{fid}.ply"
-        files.append(write_posed_mesh(args.out / name, out.vertices.float(), out.faces, out.skin_weights.float(),
+        files.append(write_posed_mesh(out_dir / name, out.vertices.float(), out.faces, out.skin_weights.float(),
                                       T[0].float(), out.colors).name)
         poses_json.append({"frame": int(fid), "views": [k for k, rv in enumerate(refine_views) if rv.frame_id == fid],
                            "rotations": pose.rotations.tolist(), "translation": pose.translation.tolist()})
-    atomic_write_text(args.out / "refined_pose.json", json.dumps(
+    atomic_write_text(out_dir / "refined_pose.json", json.dumps(
         {"body_model": body.name, "bone_names": list(body.bone_names), "poses": poses_json,
          "note": "corrected per-instant pose (axis-angle per bone, radians; translation in metres)"}, indent=1))
     files.append("refined_pose.json")
@@ -485,7 +512,7 @@ def _refine_and_export(args: FitAvatarArgs, body, views, shape, fused) -> dict:
         rest = body.rest(shape[None].to(body.dtype))
         motion = make_motion(body, rest.bone_heads[0], args.glb_motion, 60, args.seed)
         clip, _ = body.bone_transforms(motion, shape[None].expand(60, -1).to(body.dtype))
-    skin = write_glb(args.out / "avatar.glb", out.vertices, out.faces, out.skin_weights, body.bone_names,
+    skin = write_glb(out_dir / "avatar.glb", out.vertices, out.faces, out.skin_weights, body.bone_names,
                      body.bone_parents, rest.bone_poses[0], colors=out.colors,
                      animation=GlbAnimation(clip.float(), fps=30.0, name=args.glb_motion))
     files.append("avatar.glb")

@@ -181,3 +181,29 @@ def test_cli_reports_bad_input_on_stderr(tiny_views, tmp_path, monkeypatch, caps
         main()
     assert exit_info.value.code == 2
     assert "2 camera views for 1 images" in capsys.readouterr().err
+
+
+def test_failed_refinement_leaves_no_partial_outputs(tiny_views, predictor_path, tmp_path, monkeypatch):
+    """A failure after the fusion (here: in the refinement) must not leave the fused files without the rest: --out
+    keeps exactly what it held before, and a folder the run created is removed again."""
+    import avatar.fit.mesh_refine as mr
+
+    _, paths, cams, _ = tiny_views
+
+    def boom(*a, **k):
+        raise RuntimeError("refinement failed")
+
+    monkeypatch.setattr(mr, "refine_mesh", boom)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="refinement failed"):
+        run(FitAvatarArgs(images=tuple(paths), cameras=cams, out=fresh, predictor=predictor_path, voxel_size=0.03,
+                          refine_steps=2, progress=False))
+    assert not fresh.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "summary.json").write_text("{\"earlier\": true}")
+    with pytest.raises(RuntimeError, match="refinement failed"):
+        run(FitAvatarArgs(images=tuple(paths), cameras=cams, out=kept, predictor=predictor_path, voxel_size=0.03,
+                          refine_steps=2, progress=False))
+    assert [p.name for p in kept.iterdir()] == ["summary.json"]
+    assert json.loads((kept / "summary.json").read_text()) == {"earlier": True}
