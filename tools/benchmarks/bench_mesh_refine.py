@@ -2,7 +2,7 @@
 the posed refined mesh, and joint-angle correction of poses perturbed by 10 degrees per joint.
 
     python -m tools.benchmarks.bench_mesh_refine [--quick] [--json] [--start oracle|predicted] [--pose-noise-deg 10]
-        [--steps 50,50,100,60] [--pose-lr 5e-3] [--res 384]
+        [--steps 50,50,100,150] [--pose-lr 5e-3] [--res 384]
 
 Setup: subject seed 3 ("free" motion, shirt and trousers, flat albedo: ``shading=False``). The fused mesh is the
 fusion (``avatar.fusion``) of frame 17 in cameras 0, 6, 12, 17 of the 23-camera ring at 128x128 (``--quick``: 96),
@@ -67,7 +67,7 @@ REFINE_CAMERAS = tuple(c for c in range(23) if c != 3)  # the refinement's views
 HELDOUT_CAMERA = 3
 FRAMES = (5, 17)
 MINOR = ("toe", "finger", "metacarpal", "eye")
-STEPS = (50, 50, 100, 60)  # pose at 1/4, 1/2, full size; then shape + pose
+STEPS = (50, 50, 100, 150)  # pose at 1/4, 1/2, full size; then shape + pose (60 shape steps: 2.80 mm, see design.md)
 STEPS_QUICK = (30, 30, 30, 20)
 FUSION_RES, FUSION_RES_QUICK = 128, 96  # image size of the prediction-and-fusion stage (its baseline mesh)
 REFINE_RES, REFINE_RES_QUICK = 384, 192  # image size the refinement sees
